@@ -1,0 +1,234 @@
+"""The restart plan: when the next graceful restart runs and which MDs it is for.
+
+Pure bookkeeping, no I/O and no clock of its own: every method that needs the time is given
+it (epoch seconds), so the plan is the same in tests with a fake clock as in the daemon.
+
+Rules, and why:
+- A settle window opens with the first request and every later request joins it, so that a
+  burst of renewals costs one restart. The window exists because mod_md writes
+  `staging/<md>/job.json` after the hook returns; restarting earlier races it. The window ends
+  early once every pending MD shows `notified-renewed`, since then that write has happened.
+- Two restarts are at least `min_interval` apart. A request in between is deferred, never
+  dropped: dropping it would leave a staged certificate inactive until some later renewal.
+- A staged set that a restart already failed to activate is not restarted for again unless
+  root asks: www-data could otherwise make Apache restart every `min_interval` forever with a
+  set that can never be activated.
+
+Wall-clock time is used because plans are reported to callers and persisted across restarts
+of the broker; the clock may therefore jump. A jump backwards must not postpone a restart by
+the size of the jump, so times in the future relative to `now` are pulled back to `now`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import errors
+
+STATE_VERSION = 1
+
+# www-data decides which MD names get staged; keep what an endless stream of failing sets can
+# make us remember bounded. Forgetting the oldest only allows one more restart for it.
+MAX_FAILED = 4096
+
+
+@dataclass
+class Pending:
+    fingerprint: str
+    requested_at: float
+
+
+def _check_duration(what: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be a finite non-negative number")
+    return float(value)
+
+
+def _check_now(now: float) -> float:
+    if isinstance(now, bool) or not isinstance(now, (int, float)):
+        raise TypeError("now must be a number")
+    if not math.isfinite(now):
+        raise ValueError("now must be finite")
+    return float(now)
+
+
+class Scheduler:
+    def __init__(self, settle: float, min_interval: float):
+        self.settle = _check_duration("settle", settle)
+        self.min_interval = _check_duration("min_interval", min_interval)
+        self.pending: dict[str, Pending] = {}
+        self.window_opened_at: float | None = None
+        self.last_restart_at: float = 0.0
+        self.failed: dict[str, str] = {}
+
+    def _clamp(self, now: float) -> None:
+        # Stored on purpose: clamping only in the computation would make the planned time
+        # move along with `now` until the clock caught up with the old value.
+        if self.window_opened_at is not None and self.window_opened_at > now:
+            self.window_opened_at = now
+        self.last_restart_at = min(self.last_restart_at, now)
+
+    def add(self, md: str, fingerprint: str, now: float, override: bool = False) -> float:
+        """Accept a request for `md`, whose staged set is `fingerprint`; return the planned time.
+
+        The time returned assumes mod_md has not yet marked the set as notified (the hook that
+        sends the request runs before it does), and it is never earlier than `now`.
+        Raises errors.AlreadyFailed when a restart already failed to activate exactly this set,
+        unless `override` (root asked), which forgets any failure recorded for `md`.
+        """
+        now = _check_now(now)
+        if not isinstance(md, str) or not isinstance(fingerprint, str):
+            raise TypeError("md and fingerprint must be strings")
+        if not md or not fingerprint:
+            raise ValueError("md and fingerprint must not be empty")
+        if override:
+            self.failed.pop(md, None)
+        elif self.failed.get(md) == fingerprint:
+            raise errors.AlreadyFailed(
+                f"a restart already failed to activate the certificate set staged for {md}; "
+                "root may retry it"
+            )
+        self._clamp(now)
+        if not self.pending:
+            self.window_opened_at = now
+        current = self.pending.get(md)
+        if current is None or current.fingerprint != fingerprint:
+            self.pending[md] = Pending(fingerprint, now)
+        planned = self.planned_at(now, lambda _md: False)
+        assert planned is not None
+        return max(planned, now)
+
+    def planned_at(self, now: float, notified: Callable[[str], bool]) -> float | None:
+        """When the pending restart should run; None when nothing is pending.
+
+        A result at or before `now` means "due". `notified(md)` is asked only while the settle
+        window is still open; it should answer False when it cannot tell.
+        """
+        if not self.pending:
+            return None
+        now = _check_now(now)
+        self._clamp(now)
+        if self.window_opened_at is None:
+            # Only reachable by assigning `pending` directly; treat it as a window opening now.
+            self.window_opened_at = now
+        window_end = self.window_opened_at + self.settle
+        if window_end > now and all(notified(md) for md in self.pending):
+            window_end = now
+        return max(window_end, self.last_restart_at + self.min_interval)
+
+    def take_batch(self) -> dict[str, str]:
+        """Pop everything pending (md -> fingerprint) and close the window."""
+        batch = {md: p.fingerprint for md, p in self.pending.items()}
+        self.pending.clear()
+        self.window_opened_at = None
+        return batch
+
+    def restore(self, batch: dict[str, str], now: float) -> None:
+        """Put a taken batch back without losing requests that arrived after it was taken.
+
+        A newer request for the same MD wins, since it names the set staged now. The batch's
+        window had already ended, so when nothing else is pending it is due again at once
+        (still subject to `min_interval`); when newer requests are pending, their window is
+        kept, because their hooks may still be running.
+        """
+        now = _check_now(now)
+        self._clamp(now)
+        if not batch:
+            return
+        if not self.pending:
+            self.window_opened_at = now - self.settle
+        for md, fingerprint in batch.items():
+            if md not in self.pending:
+                self.pending[md] = Pending(fingerprint, now)
+
+    def record_restart(self, now: float) -> None:
+        self.last_restart_at = _check_now(now)
+
+    def record_outcome(self, batch: dict[str, str], activated: set[str]) -> None:
+        """After verification: remember the sets of `batch` that did not become active."""
+        for md, fingerprint in batch.items():
+            self.failed.pop(md, None)  # re-inserted below at the end, so the oldest go first
+            if md not in activated:
+                self.failed[md] = fingerprint
+        while len(self.failed) > MAX_FAILED:
+            del self.failed[next(iter(self.failed))]
+
+    def to_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "pending": {
+                md: {"fingerprint": p.fingerprint, "requested_at": p.requested_at}
+                for md, p in self.pending.items()
+            },
+            "window_opened_at": self.window_opened_at,
+            "last_restart_at": self.last_restart_at,
+            "failed": dict(self.failed),
+        }
+
+    @classmethod
+    def from_dict(cls, d: object, settle: float, min_interval: float) -> Scheduler:
+        """Rebuild a scheduler from `to_dict()` output; ValueError on anything malformed.
+
+        Strict on purpose: the caller then starts from an empty plan instead of acting on
+        half-understood state.
+        """
+        s = cls(settle, min_interval)
+        _expect(isinstance(d, dict), "not an object")
+        assert isinstance(d, dict)
+        expected = {"version", "pending", "window_opened_at", "last_restart_at", "failed"}
+        if set(d) != expected:
+            unknown = sorted(str(k) for k in set(d) - expected)
+            missing = sorted(expected - set(d))
+            raise ValueError(f"scheduler state: unknown keys {unknown}, missing keys {missing}")
+        version = d["version"]
+        _expect(type(version) is int and version == STATE_VERSION, f"unsupported version {version!r}")
+
+        pending = d["pending"]
+        _expect(isinstance(pending, dict), "pending is not an object")
+        for md, entry in pending.items():
+            _check_name("pending", md)
+            _expect(isinstance(entry, dict) and set(entry) == {"fingerprint", "requested_at"},
+                    f"pending entry for {md!r} is malformed")
+            _check_name("pending fingerprint", entry["fingerprint"])
+            s.pending[md] = Pending(entry["fingerprint"], _time("requested_at", entry["requested_at"]))
+
+        opened = d["window_opened_at"]
+        if opened is None:
+            _expect(not s.pending, "requests pending but no window open")
+        else:
+            _expect(bool(s.pending), "window open with nothing pending")
+            s.window_opened_at = _time("window_opened_at", opened)
+
+        s.last_restart_at = _time("last_restart_at", d["last_restart_at"])
+
+        failed = d["failed"]
+        _expect(isinstance(failed, dict), "failed is not an object")
+        _expect(len(failed) <= MAX_FAILED, "too many failed entries")
+        for md, fingerprint in failed.items():
+            _check_name("failed", md)
+            _check_name("failed fingerprint", fingerprint)
+            s.failed[md] = fingerprint
+        return s
+
+
+# from_dict() promises ValueError for every kind of malformed state, type errors included,
+# so that its caller needs one except clause; hence a helper rather than isinstance/raise.
+def _expect(ok: bool, problem: str) -> None:
+    if not ok:
+        raise ValueError(f"scheduler state: {problem}")
+
+
+def _check_name(what: str, value: object) -> None:
+    _expect(isinstance(value, str) and value != "", f"{what}: not a non-empty string")
+
+
+def _time(what: str, value: object) -> float:
+    # Negative values are allowed: restore() backdates a window by `settle`, which a fake
+    # clock near 0 (or a badly set one) can take below the epoch.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"scheduler state: {what} is not a finite number")
+    return float(value)

@@ -1,0 +1,344 @@
+import json
+import math
+
+import pytest
+
+from broker import errors
+from broker.scheduler import MAX_FAILED, Pending, Scheduler
+
+T0 = 1_700_000_000.0
+SETTLE = 30.0
+MIN_INTERVAL = 300.0
+
+
+def never(_md):
+    return False
+
+
+def always(_md):
+    return True
+
+
+@pytest.fixture
+def s():
+    return Scheduler(SETTLE, MIN_INTERVAL)
+
+
+def test_empty_plans_nothing(s):
+    assert s.planned_at(T0, never) is None
+    assert s.take_batch() == {}
+    assert s.window_opened_at is None
+
+
+def test_first_request_opens_window(s):
+    planned = s.add("a.example", "fp-a", T0)
+    assert planned == T0 + SETTLE
+    assert s.window_opened_at == T0
+    assert s.pending == {"a.example": Pending("fp-a", T0)}
+    assert s.planned_at(T0 + 1, never) == T0 + SETTLE
+
+
+def test_coalescing_fifty_requests_one_batch(s):
+    first = s.add("md0.example", "fp0", T0)
+    for i in range(1, 50):
+        now = T0 + i * (SETTLE / 60)  # all inside the window
+        assert s.add(f"md{i}.example", f"fp{i}", now) == first
+        assert s.planned_at(now, never) == first
+    assert s.window_opened_at == T0
+    batch = s.take_batch()
+    assert batch == {f"md{i}.example": f"fp{i}" for i in range(50)}
+    assert s.pending == {}
+    assert s.window_opened_at is None
+    assert s.planned_at(T0 + SETTLE, never) is None
+
+
+def test_new_fingerprint_replaces_old(s):
+    s.add("a", "old", T0)
+    s.add("a", "new", T0 + 5)
+    assert s.pending["a"] == Pending("new", T0 + 5)
+    assert s.window_opened_at == T0
+    assert s.take_batch() == {"a": "new"}
+
+
+def test_same_fingerprint_keeps_first_request_time(s):
+    s.add("a", "fp", T0)
+    s.add("a", "fp", T0 + 5)
+    assert s.pending["a"].requested_at == T0
+
+
+def test_early_end_when_all_notified(s):
+    s.add("a", "fa", T0)
+    s.add("b", "fb", T0 + 1)
+    assert s.planned_at(T0 + 2, always) == T0 + 2
+
+
+def test_not_early_when_one_is_not_notified(s):
+    s.add("a", "fa", T0)
+    s.add("b", "fb", T0 + 1)
+    asked = []
+
+    def notified(md):
+        asked.append(md)
+        return md == "a"
+
+    assert s.planned_at(T0 + 2, notified) == T0 + SETTLE
+    assert "b" in asked
+
+
+def test_notified_not_asked_once_window_is_over(s):
+    s.add("a", "fa", T0)
+
+    def notified(md):
+        raise AssertionError("must not be asked")
+
+    assert s.planned_at(T0 + SETTLE + 1, notified) == T0 + SETTLE
+
+
+def test_deferral_after_recent_restart(s):
+    s.record_restart(T0)
+    assert s.last_restart_at == T0
+    planned = s.add("a", "fa", T0 + 10)
+    assert planned == T0 + MIN_INTERVAL
+    # Even when mod_md has caught up, the interval holds; the request stays pending.
+    assert s.planned_at(T0 + 20, always) == T0 + MIN_INTERVAL
+    assert "a" in s.pending
+
+
+def test_no_deferral_when_interval_passed(s):
+    s.record_restart(T0)
+    assert s.add("a", "fa", T0 + MIN_INTERVAL + 100) == T0 + MIN_INTERVAL + 100 + SETTLE
+
+
+def test_add_returns_no_time_in_the_past(s):
+    s.add("a", "fa", T0)
+    # The loop has not run yet and the window is long over: the reply says "now".
+    assert s.add("b", "fb", T0 + 100) == T0 + 100
+    assert s.planned_at(T0 + 100, never) == T0 + SETTLE
+
+
+def test_already_failed_and_override(s):
+    s.add("a", "fa", T0)
+    batch = s.take_batch()
+    s.record_restart(T0 + SETTLE)
+    s.record_outcome(batch, activated=set())
+    assert s.failed == {"a": "fa"}
+
+    with pytest.raises(errors.AlreadyFailed) as e:
+        s.add("a", "fa", T0 + 1000)
+    assert "already failed" in e.value.message
+    assert "root" in e.value.message
+    assert e.value.code == "AlreadyFailed"
+    assert s.pending == {}
+
+    # A different staged set is a new attempt.
+    s.add("a", "fa2", T0 + 1000)
+    assert s.pending["a"].fingerprint == "fa2"
+    s.take_batch()
+
+    assert s.add("a", "fa", T0 + 2000, override=True) >= T0 + 2000
+    assert "a" not in s.failed
+    assert s.pending["a"].fingerprint == "fa"
+
+
+def test_record_outcome(s):
+    s.failed = {"c": "old-c"}
+    batch = {"a": "fa", "b": "fb", "c": "fc"}
+    s.record_outcome(batch, activated={"a", "c"})
+    assert s.failed == {"b": "fb"}
+    s.record_outcome({"b": "fb"}, activated={"b"})
+    assert s.failed == {}
+
+
+def test_failed_is_bounded(s):
+    for i in range(MAX_FAILED + 10):
+        s.record_outcome({f"md{i}": "fp"}, activated=set())
+    assert len(s.failed) == MAX_FAILED
+    assert "md0" not in s.failed
+    assert f"md{MAX_FAILED + 9}" in s.failed
+
+
+def test_restore_keeps_newer_entries(s):
+    s.add("a", "fa", T0)
+    s.add("b", "fb", T0)
+    batch = s.take_batch()
+    s.add("b", "fb-new", T0 + 50)
+    s.restore(batch, T0 + 51)
+    assert s.pending["b"].fingerprint == "fb-new"
+    assert s.pending["a"].fingerprint == "fa"
+    # The newer request's window is kept.
+    assert s.window_opened_at == T0 + 50
+
+
+def test_restore_into_empty_plan_is_due_at_once(s):
+    s.add("a", "fa", T0)
+    batch = s.take_batch()
+    s.restore(batch, T0 + SETTLE + 5)
+    assert s.planned_at(T0 + SETTLE + 5, never) == T0 + SETTLE + 5
+    assert s.take_batch() == {"a": "fa"}
+
+
+def test_restore_respects_min_interval(s):
+    s.record_restart(T0)
+    s.restore({"a": "fa"}, T0 + 1)
+    assert s.planned_at(T0 + 1, never) == T0 + MIN_INTERVAL
+
+
+def test_restore_empty_batch_opens_no_window(s):
+    s.restore({}, T0)
+    assert s.window_opened_at is None
+    assert s.planned_at(T0, never) is None
+
+
+def test_round_trip(s):
+    s.add("a.example", "fa", T0)
+    s.add("*.b.example", "fb", T0 + 3)
+    s.record_restart(T0 - 1000)
+    s.record_outcome({"c": "fc", "d": "fd"}, activated=set())
+    d = s.to_dict()
+    json.dumps(d, allow_nan=False)  # JSON-safe
+    t = Scheduler.from_dict(json.loads(json.dumps(d)), SETTLE, MIN_INTERVAL)
+    assert t.pending == s.pending
+    assert t.window_opened_at == s.window_opened_at
+    assert t.last_restart_at == s.last_restart_at
+    assert t.failed == s.failed
+    assert list(t.failed) == ["c", "d"]  # order matters for eviction
+    assert t.to_dict() == d
+    assert t.planned_at(T0 + 5, never) == s.planned_at(T0 + 5, never)
+
+
+def test_round_trip_empty(s):
+    t = Scheduler.from_dict(s.to_dict(), 1.0, 2.0)
+    assert t.pending == {} and t.window_opened_at is None and t.last_restart_at == 0.0
+    assert (t.settle, t.min_interval) == (1.0, 2.0)
+
+
+def _valid():
+    return {
+        "version": 1,
+        "pending": {"a": {"fingerprint": "fa", "requested_at": T0}},
+        "window_opened_at": T0,
+        "last_restart_at": 0.0,
+        "failed": {"b": "fb"},
+    }
+
+
+def _mutations():
+    def m(fn):
+        d = _valid()
+        fn(d)
+        return d
+
+    return {
+        "not a dict": [],
+        "none": None,
+        "missing key": m(lambda d: d.pop("failed")),
+        "unknown key": m(lambda d: d.update(extra=1)),
+        "version 2": m(lambda d: d.update(version=2)),
+        "version str": m(lambda d: d.update(version="1")),
+        "version float": m(lambda d: d.update(version=1.0)),
+        "version bool": m(lambda d: d.update(version=True)),
+        "pending list": m(lambda d: d.update(pending=[])),
+        "pending entry str": m(lambda d: d["pending"].update(a="fa")),
+        "pending fp int": m(lambda d: d["pending"]["a"].update(fingerprint=1)),
+        "pending fp empty": m(lambda d: d["pending"]["a"].update(fingerprint="")),
+        "pending extra": m(lambda d: d["pending"]["a"].update(x=1)),
+        "pending no time": m(lambda d: d["pending"]["a"].pop("requested_at")),
+        "pending time str": m(lambda d: d["pending"]["a"].update(requested_at="1")),
+        "pending time nan": m(lambda d: d["pending"]["a"].update(requested_at=math.nan)),
+        "pending md empty": m(lambda d: d.update(pending={"": {"fingerprint": "f", "requested_at": 1}})),
+        "window missing while pending": m(lambda d: d.update(window_opened_at=None)),
+        "window without pending": m(lambda d: d.update(pending={})),
+        "window bool": m(lambda d: d.update(window_opened_at=True)),
+        "window inf": m(lambda d: d.update(window_opened_at=math.inf)),
+        "last str": m(lambda d: d.update(last_restart_at="0")),
+        "last none": m(lambda d: d.update(last_restart_at=None)),
+        "last -inf": m(lambda d: d.update(last_restart_at=-math.inf)),
+        "failed list": m(lambda d: d.update(failed=[])),
+        "failed fp int": m(lambda d: d["failed"].update(b=3)),
+        "failed fp empty": m(lambda d: d["failed"].update(b="")),
+        "failed too many": m(lambda d: d.update(failed={f"m{i}": "f" for i in range(MAX_FAILED + 1)})),
+    }
+
+
+def test_valid_fixture_is_accepted():
+    s = Scheduler.from_dict(_valid(), SETTLE, MIN_INTERVAL)
+    assert s.pending["a"].fingerprint == "fa"
+
+
+@pytest.mark.parametrize("name", sorted(_mutations()))
+def test_from_dict_rejects_malformed(name):
+    with pytest.raises(ValueError):
+        Scheduler.from_dict(_mutations()[name], SETTLE, MIN_INTERVAL)
+
+
+@pytest.mark.parametrize("settle,min_interval,exc", [
+    (-1, 0, ValueError), (0, -1, ValueError), (math.nan, 0, ValueError), (0, math.inf, ValueError),
+    ("1", 0, TypeError), (0, None, TypeError), (True, 0, TypeError),
+])
+def test_constructor_rejects_bad_durations(settle, min_interval, exc):
+    with pytest.raises(exc):
+        Scheduler(settle, min_interval)
+
+
+def test_rejects_bad_arguments(s):
+    with pytest.raises(ValueError):
+        s.add("a", "fa", math.nan)
+    with pytest.raises(ValueError):
+        s.record_restart(math.inf)
+    with pytest.raises(ValueError):
+        s.add("", "fa", T0)
+    with pytest.raises(TypeError):
+        s.add("a", None, T0)
+    assert s.pending == {}
+    assert s.last_restart_at == 0.0
+
+
+def test_clock_backwards_window(s):
+    s.add("a", "fa", T0)
+    back = T0 - 86400  # clock stepped back a day
+    planned = s.planned_at(back, never)
+    assert math.isfinite(planned)
+    assert planned == back + SETTLE  # not T0 + SETTLE, a day away
+    # And it stays put as the clock moves on, so it is reached.
+    assert s.planned_at(back + 10, never) == back + SETTLE
+
+
+def test_clock_backwards_last_restart(s):
+    s.record_restart(T0)
+    back = T0 - 86400
+    planned = s.add("a", "fa", back)
+    assert planned == back + MIN_INTERVAL
+    assert s.planned_at(back + MIN_INTERVAL, never) == back + MIN_INTERVAL
+    assert s.last_restart_at == back
+
+
+def test_last_restart_in_future_from_state_file():
+    d = Scheduler(SETTLE, MIN_INTERVAL).to_dict()
+    d["last_restart_at"] = T0 + 10 * 365 * 86400
+    s = Scheduler.from_dict(d, SETTLE, MIN_INTERVAL)
+    s.add("a", "fa", T0)
+    assert s.planned_at(T0, never) == T0 + MIN_INTERVAL
+
+
+def test_settle_zero():
+    s = Scheduler(0, MIN_INTERVAL)
+    assert s.add("a", "fa", T0) == T0
+    assert s.planned_at(T0, never) == T0
+
+
+def test_min_interval_zero():
+    s = Scheduler(SETTLE, 0)
+    s.record_restart(T0)
+    assert s.add("a", "fa", T0) == T0 + SETTLE
+
+
+def test_both_zero():
+    s = Scheduler(0, 0)
+    s.record_restart(T0)
+    assert s.add("a", "fa", T0) == T0
+    assert s.planned_at(T0, never) == T0
+
+
+def test_never_restarted_does_not_defer(s):
+    # last_restart_at == 0 means never: min_interval counts from the epoch, long past.
+    assert s.add("a", "fa", T0) == T0 + SETTLE
