@@ -1,0 +1,90 @@
+"""Who is calling, and may they: the one place where callers are authorized.
+
+Every method of the broker's interface passes through `Authorizer.authorize` before any
+state changes. polkit is asked about the caller's unique bus name (the `system-bus-name`
+subject, as systemd does: polkit resolves it to a process and user itself, which avoids
+the pid-reuse race of a `unix-process` subject). Any failure to get a clear "yes" is a
+refusal: polkit missing, slow, erroring or answering something odd all fail closed.
+"""
+
+import asyncio
+from dataclasses import dataclass
+
+from . import log, names
+from .dbuslib import Message, MessageType, Variant
+from .errors import AccessDenied
+
+# polkit's CheckAuthorization flag: the caller may be asked for a password.
+_POLKIT_ALLOW_USER_INTERACTION = 0x1
+
+
+@dataclass(frozen=True)
+class Caller:
+    bus_name: str
+    uid: int
+
+
+class Authorizer:
+    def __init__(self, bus, timeout: float, allow_interactive: bool = False):
+        self._bus = bus
+        self._timeout = timeout
+        self._allow_interactive = allow_interactive
+
+    async def _call(self, msg: Message) -> Message:
+        reply = await asyncio.wait_for(self._bus.call(msg), self._timeout)
+        if reply.message_type == MessageType.ERROR:
+            raise _CallFailed(f"{reply.error_name}: {reply.body[0] if reply.body else ''}")
+        return reply
+
+    async def caller_uid(self, bus_name: str) -> int:
+        """The caller's uid, from the bus daemon (needed for per-user rate limits and root's override)."""
+        reply = await self._call(Message(
+            destination=names.DBUS_BUS_NAME, path=names.DBUS_PATH, interface=names.DBUS_INTERFACE,
+            member="GetConnectionUnixUser", signature="s", body=[bus_name]))
+        uid = reply.body[0]
+        if not isinstance(uid, int):
+            raise _CallFailed("GetConnectionUnixUser returned no uid")
+        return uid
+
+    async def authorize(self, bus_name: str, action: str, interactive: bool) -> Caller:
+        """Raise AccessDenied unless polkit says yes for `bus_name`; returns who it is."""
+        try:
+            uid = await self.caller_uid(bus_name)
+            flags = _POLKIT_ALLOW_USER_INTERACTION if (interactive and self._allow_interactive) else 0
+            reply = await self._call(Message(
+                destination=names.POLKIT_BUS_NAME, path=names.POLKIT_PATH,
+                interface=names.POLKIT_INTERFACE, member="CheckAuthorization",
+                signature="(sa{sv})sa{ss}us",
+                body=[["system-bus-name", {"name": Variant("s", bus_name)}], action, {}, flags, ""]))
+            result = reply.body[0]
+            authorized, challenge = bool(result[0]), bool(result[1])
+        except asyncio.TimeoutError:
+            log.warning(f"authorization of {bus_name}: polkit did not answer within {self._timeout:g} s")
+            raise AccessDenied("authorization could not be checked (polkit did not answer)") from None
+        except _CallFailed as e:
+            log.warning(f"authorization of {bus_name}: {e}")
+            raise AccessDenied("authorization could not be checked") from None
+        except Exception as e:  # a malformed answer or a lost connection: fail closed
+            log.warning(f"authorization of {bus_name}: unexpected failure: {type(e).__name__}: {e}")
+            raise AccessDenied("authorization could not be checked") from None
+        if not authorized:
+            log.notice(f"refused {bus_name} (uid {uid}): polkit did not authorize {action}"
+                       + (" (would need interactive authentication)" if challenge else ""))
+            raise AccessDenied("not authorized to request a restart of Apache")
+        return Caller(bus_name, uid)
+
+    async def require_root(self, bus_name: str) -> Caller:
+        """For administrative methods: the bus policy already limits them to root; check again here."""
+        try:
+            uid = await self.caller_uid(bus_name)
+        except Exception as e:
+            log.warning(f"could not identify {bus_name}: {e}")
+            raise AccessDenied("caller could not be identified") from None
+        if uid != 0:
+            log.notice(f"refused {bus_name} (uid {uid}): administrative method needs root")
+            raise AccessDenied("only root may do this")
+        return Caller(bus_name, uid)
+
+
+class _CallFailed(Exception):
+    pass

@@ -1,0 +1,335 @@
+"""The broker's core: takes requests, plans restarts, runs and verifies them. No D-Bus here.
+
+The D-Bus layer (service.py) authorizes the caller and then calls `request`,
+`check_all` or `status`; it learns about changes through the two listener callbacks.
+Time, the store, the restart runner, the verifier and the state file are all injected,
+so the whole flow runs in unit tests with a fake clock and fake Apache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from . import __version__, log
+from .config import Config
+from .errors import AlreadyFailed, BrokerError, NothingStaged, RateLimited
+from .ratelimit import RateLimiter
+from .restart import Restarter, RestartOutcome
+from .scheduler import Scheduler
+from .staging import CertSet, Store, validate_md_name
+from .state import StateFile
+from .verify import Verdict, verify_activation
+
+# How often job.json is looked at while a settle window is open: it decides an early end.
+JOB_POLL_SECONDS = 0.25
+
+Verifier = Callable[[Store, Mapping[str, CertSet], Sequence[str], float], Awaitable[Verdict]]
+
+
+def _usec(t: float) -> int:
+    return max(0, int(round(t * 1_000_000)))
+
+
+class Engine:
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        restarter: Restarter,
+        state: StateFile,
+        *,
+        clock: Callable[[], float] = time.time,
+        verifier: Verifier | None = None,
+    ):
+        self.cfg = cfg
+        self.store = store
+        self.restarter = restarter
+        self.state = state
+        self.clock = clock
+        self.verifier: Verifier = verifier or (
+            lambda st, batch, probes, timeout: verify_activation(st, batch, probes, timeout))
+        self.limiter = RateLimiter(cfg.rate_burst, cfg.rate_per_second)
+        self.scheduler = Scheduler(cfg.settle_seconds, cfg.min_interval_seconds)
+        self.last_restart_usec = 0
+        self.last_result = ""
+        self.restarting = False
+        self.on_properties_changed: Callable[[dict[str, Any]], None] = lambda changed: None
+        self.on_restart_finished: Callable[[bool, str, list[str]], None] = lambda ok, detail, mds: None
+        self._wakeup = asyncio.Event()
+        self._load_state()
+
+    # -- state on disk -------------------------------------------------------------------
+
+    def _load_state(self) -> None:
+        data = self.state.load()
+        try:
+            if "scheduler" in data:
+                self.scheduler = Scheduler.from_dict(
+                    data["scheduler"], self.cfg.settle_seconds, self.cfg.min_interval_seconds)
+            # A batch that was being restarted when the broker stopped goes back to pending:
+            # the restart runs again if the set is still staged, and is a no-op if it was activated.
+            in_progress = data.get("in_progress") or {}
+            if not isinstance(in_progress, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in in_progress.items()):
+                raise ValueError("in_progress is not a map of names to fingerprints")
+            if in_progress:
+                self.scheduler.restore(in_progress, self.clock())
+            last_restart = data.get("last_restart_usec", 0)
+            last_result = data.get("last_result", "")
+            if not isinstance(last_restart, int) or not isinstance(last_result, str):
+                raise ValueError("last_restart_usec/last_result have wrong types")
+            self.last_restart_usec, self.last_result = last_restart, last_result
+        except (ValueError, TypeError, KeyError) as e:
+            log.warning(f"state file content not usable, starting afresh: {e}")
+            self.scheduler = Scheduler(self.cfg.settle_seconds, self.cfg.min_interval_seconds)
+            self.last_restart_usec, self.last_result = 0, ""
+        if self.scheduler.pending:
+            log.notice(f"resuming pending restart for {', '.join(sorted(self.scheduler.pending))}")
+
+    def _save(self, in_progress: Mapping[str, str] | None = None) -> None:
+        data = {
+            "version": 1,
+            "scheduler": self.scheduler.to_dict(),
+            "in_progress": dict(in_progress or {}),
+            "last_restart_usec": self.last_restart_usec,
+            "last_result": self.last_result,
+        }
+        try:
+            self.state.save(data)
+        except OSError as e:
+            # Keep serving from memory: losing persistence is bad, refusing renewals is worse.
+            log.err(f"could not save state: {e}")
+
+    # -- properties ----------------------------------------------------------------------
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.scheduler.pending)
+
+    @property
+    def planned_at_usec(self) -> int:
+        planned = self.scheduler.planned_at(self.clock(), self._notified)
+        return 0 if planned is None else _usec(planned)
+
+    def properties(self) -> dict[str, Any]:
+        return {
+            "Version": __version__,
+            "Pending": self.pending,
+            "PlannedAt": self.planned_at_usec,
+            "LastRestart": self.last_restart_usec,
+            "LastResult": self.last_result,
+        }
+
+    def _emit_changes(self, before: dict[str, Any]) -> None:
+        after = self.properties()
+        changed = {k: v for k, v in after.items() if before.get(k) != v}
+        if changed:
+            self.on_properties_changed(changed)
+
+    def _notified(self, md: str) -> bool:
+        return self.store.job_notified(md)
+
+    # -- requests ------------------------------------------------------------------------
+
+    def request(self, md: str, caller_uid: int) -> int:
+        """Schedule a restart for `md`'s staged set; returns the planned time in µs.
+
+        The caller is already authorized. Raises the core's BrokerErrors, each with a
+        message fit for the caller.
+        """
+        if not self.limiter.allow(caller_uid, time.monotonic()):
+            raise RateLimited("too many requests; try again later")
+        validate_md_name(md)
+        staged = self.store.check_staged(md)
+        return self._schedule({md: staged}, override=(caller_uid == 0))
+
+    def _schedule(self, sets: Mapping[str, CertSet], override: bool) -> int:
+        before = self.properties()
+        now = self.clock()
+        planned = now
+        for md, staged in sets.items():
+            was_failed = self.scheduler.failed.get(md) == staged.fingerprint
+            planned = self.scheduler.add(md, staged.fingerprint, now, override=override)
+            log.info(f"{md}: restart requested for staged serial "
+                     f"{', '.join(c.serial for c in staged.certs)}"
+                     + (" (root retries a set that failed before)" if was_failed else ""))
+        planned_at = self.scheduler.planned_at(now, self._notified)
+        self._save()
+        self._emit_changes(before)
+        self._wakeup.set()
+        # "Due now" may come back as a moment just past; a reply never names the past.
+        return _usec(max(now, planned_at if planned_at is not None else planned))
+
+    def check_all(self) -> tuple[list[str], int]:
+        """Schedule every MD whose staged set verifies (the daily safety net for lost hooks)."""
+        found: dict[str, CertSet] = {}
+        for md in self.store.list_mds():
+            try:
+                staged = self.store.check_staged(md)
+            except NothingStaged:
+                continue
+            except BrokerError as e:
+                log.notice(f"{md}: staged set not scheduled: {e.message}")
+                continue
+            if self.scheduler.failed.get(md) == staged.fingerprint:
+                log.notice(f"{md}: staged set already failed to activate once; not scheduled again")
+                continue
+            found[md] = staged
+        if not found:
+            return [], self.planned_at_usec
+        planned = self._schedule(found, override=False)
+        return sorted(found), planned
+
+    def status(self) -> dict[str, Any]:
+        """Everything the admin command shows, as plain JSON-able data."""
+        mds = []
+        for md in self.store.list_mds():
+            entry: dict[str, Any] = {"name": md, "active": None, "staged": None,
+                                     "pending": md in self.scheduler.pending,
+                                     "failed_before": False}
+            try:
+                active = self.store.active(md)
+            except BrokerError as e:
+                active, entry["active_problem"] = None, e.message
+            if active is not None:
+                entry["active"] = _set_summary(active)
+            try:
+                staged = self.store.check_staged(md)
+                entry["staged"] = dict(_set_summary(staged), valid=True, problem="")
+                entry["failed_before"] = self.scheduler.failed.get(md) == staged.fingerprint
+            except NothingStaged:
+                pass
+            except BrokerError as e:
+                entry["staged"] = {"valid": False, "problem": e.message}
+            mds.append(entry)
+        props = self.properties()
+        return {
+            "version": props["Version"],
+            "pending": props["Pending"],
+            "planned_at_usec": props["PlannedAt"],
+            "last_restart_usec": props["LastRestart"],
+            "last_result": props["LastResult"],
+            "restarting": self.restarting,
+            "md_store": self.cfg.md_store,
+            "mds": mds,
+        }
+
+    # -- the restart loop ----------------------------------------------------------------
+
+    def idle(self) -> bool:
+        return not self.scheduler.pending and not self.restarting
+
+    async def run(self) -> None:
+        """Carry out planned restarts, forever."""
+        while True:
+            planned = self.scheduler.planned_at(self.clock(), self._notified)
+            if planned is None:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            delay = planned - self.clock()
+            if delay > 0:
+                # Re-evaluate often: job.json may end the settle window early, and new
+                # requests may arrive.
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), min(delay, JOB_POLL_SECONDS))
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            await self.restart_now()
+
+    async def restart_now(self) -> None:
+        before = self.properties()
+        batch = self.scheduler.take_batch()
+        if not batch:
+            return
+        self.restarting = True
+        self._save(in_progress=batch)
+        try:
+            await self._restart_batch(batch, before)
+        finally:
+            self.restarting = False
+            self._save()
+
+    async def _restart_batch(self, batch: Mapping[str, str], before: dict[str, Any]) -> None:
+        sets, already_active, dropped = self._recheck(batch)
+        names = sorted(batch)
+        if not sets:
+            if already_active:
+                log.info(f"{', '.join(already_active)}: already active, no restart needed")
+            self._emit_changes(before)
+            return
+        outcome: RestartOutcome = await self.restarter.restart()
+        now = self.clock()
+        if outcome.issued:
+            self.scheduler.record_restart(now)
+            self.last_restart_usec = _usec(now)
+        if outcome.ok:
+            verdict = await self.verifier(self.store, sets, self.cfg.probe, self.cfg.verify_timeout_seconds)
+            self.scheduler.record_outcome({md: s.fingerprint for md, s in sets.items()},
+                                          set(verdict.activated))
+            ok, detail = verdict.ok, verdict.detail
+        else:
+            if outcome.issued:
+                # A graceful that failed may still have activated something: ask the store.
+                verdict = await self.verifier(self.store, sets, (), 0.0)
+                self.scheduler.record_outcome({md: s.fingerprint for md, s in sets.items()},
+                                              set(verdict.activated))
+            ok, detail = False, outcome.detail
+        if dropped:
+            detail += f" ({len(dropped)} MD(s) dropped before the restart: {'; '.join(dropped)})"
+        self.last_result = "ok" if ok else f"failed: {detail}"
+        (log.notice if ok else log.err)(f"restart for {', '.join(names)}: {self.last_result}"
+                                         + (f" ({detail})" if ok else ""))
+        self._save()
+        self._emit_changes(before)
+        self.on_restart_finished(ok, detail, names)
+
+    def _recheck(self, batch: Mapping[str, str]) -> tuple[dict[str, CertSet], list[str], list[str]]:
+        """Look at each MD again just before restarting: staging may have changed meanwhile."""
+        sets: dict[str, CertSet] = {}
+        already_active: list[str] = []
+        dropped: list[str] = []
+        for md, fingerprint in batch.items():
+            try:
+                staged = self.store.check_staged(md)
+            except NothingStaged:
+                active = _safe(lambda: self.store.active(md))
+                if active is not None and active.fingerprint == fingerprint:
+                    already_active.append(md)
+                else:
+                    dropped.append(f"{md}: nothing staged any more")
+                continue
+            except BrokerError as e:
+                dropped.append(f"{md}: {e.message}")
+                continue
+            if self.scheduler.failed.get(md) == staged.fingerprint and staged.fingerprint != fingerprint:
+                dropped.append(f"{md}: {AlreadyFailed.__name__}")
+                continue
+            sets[md] = staged
+        for item in dropped:
+            log.warning(f"dropped from restart: {item}")
+        return sets, already_active, dropped
+
+
+def _safe(fn: Callable[[], CertSet | None]) -> CertSet | None:
+    try:
+        return fn()
+    except BrokerError:
+        return None
+
+
+def _set_summary(s: CertSet) -> dict[str, Any]:
+    return {
+        "since_usec": _usec(s.since),
+        "fingerprint": s.fingerprint,
+        "certs": [
+            {"key_type": c.key_type, "serial": c.serial, "sha256": c.sha256, "issuer": c.issuer,
+             "not_before_usec": _usec(c.not_before), "not_after_usec": _usec(c.not_after)}
+            for c in s.certs
+        ],
+    }
