@@ -58,7 +58,7 @@ class Authorizer:
                 body=[["system-bus-name", {"name": Variant("s", bus_name)}], action, {}, flags, ""]))
             result = reply.body[0]
             authorized, challenge = bool(result[0]), bool(result[1])
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning(f"authorization of {bus_name}: polkit did not answer within {self._timeout:g} s")
             raise AccessDenied("authorization could not be checked (polkit did not answer)") from None
         except _CallFailed as e:

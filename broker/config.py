@@ -38,7 +38,7 @@ class Config:
     rate_per_second: float = 2.0
     # Requests being authorized or checked at once; keeps the broker's own polkit calls well
     # below dbus-daemon's 128 pending replies per connection.
-    max_in_flight: int = 32
+    max_in_flight: int = 64
     # Exit after this long with nothing pending (D-Bus activation starts us again); 0 = never.
     idle_exit_seconds: float = 0.0
     allow_interactive_authorization: bool = False

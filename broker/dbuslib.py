@@ -32,18 +32,33 @@ def _pick() -> str:
 LIB_NAME = _pick()
 
 if LIB_NAME == "dbus_fast":
-    from dbus_fast import (  # noqa: F401
-        BusType, DBusError, Message, MessageFlag, MessageType, PropertyAccess, Variant,
+    from dbus_fast import (
+        BusType,
+        DBusError,
+        Message,
+        MessageFlag,
+        MessageType,
+        PropertyAccess,
+        Variant,
     )
-    from dbus_fast.aio import MessageBus  # noqa: F401
-    from dbus_fast.service import ServiceInterface, dbus_property, method, signal  # noqa: F401
+    from dbus_fast.aio import MessageBus
+    from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 else:
     from dbus_next import (  # type: ignore[no-redef]  # noqa: F401
-        BusType, DBusError, Message, MessageFlag, MessageType, PropertyAccess, Variant,
+        BusType,
+        DBusError,
+        Message,
+        MessageFlag,
+        MessageType,
+        PropertyAccess,
+        Variant,
     )
-    from dbus_next.aio import MessageBus  # type: ignore[no-redef]  # noqa: F401
+    from dbus_next.aio import MessageBus  # type: ignore[no-redef]
     from dbus_next.service import (  # type: ignore[no-redef]  # noqa: F401
-        ServiceInterface, dbus_property, method, signal,
+        ServiceInterface,
+        dbus_property,
+        method,
+        signal,
     )
 
 # Numeric flag values from the D-Bus specification, so no code depends on either

@@ -237,7 +237,7 @@ class Engine:
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), min(delay, JOB_POLL_SECONDS))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 continue
             await self.restart_now()
@@ -298,7 +298,7 @@ class Engine:
             try:
                 staged = self.store.check_staged(md)
             except NothingStaged:
-                active = _safe(lambda: self.store.active(md))
+                active = _safe(self.store.active, md)
                 if active is not None and active.fingerprint == fingerprint:
                     already_active.append(md)
                 else:
@@ -316,9 +316,9 @@ class Engine:
         return sets, already_active, dropped
 
 
-def _safe(fn: Callable[[], CertSet | None]) -> CertSet | None:
+def _safe(fn: Callable[[str], CertSet | None], md: str) -> CertSet | None:
     try:
-        return fn()
+        return fn(md)
     except BrokerError:
         return None
 

@@ -44,8 +44,9 @@ async def _serve(cfg: config.Config, bus_address: str | None) -> int:
                                    cfg.max_in_flight)
     service.export()
     reply = await bus.request_name(names.BUS_NAME)
-    if int(reply) != 1:  # PRIMARY_OWNER
-        log.err(f"could not own {names.BUS_NAME} (reply {int(reply)}): another broker runs?")
+    code = int(getattr(reply, "value", reply))  # RequestNameReply is a plain Enum in both libraries
+    if code != 1:  # PRIMARY_OWNER
+        log.err(f"could not own {names.BUS_NAME} (reply {code}): another broker runs?")
         return 1
     log.notice(f"apache-restart-broker {__version__} serving {names.BUS_NAME} ({dbuslib.LIB_NAME}), "
                f"restart via {cfg.restart_via}, store {cfg.md_store}")

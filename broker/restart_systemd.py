@@ -88,7 +88,7 @@ class SystemdRestarter:
         log.info(f"systemd: reloading {self._unit} as job {job}")
         try:
             result = await asyncio.wait_for(self._wait_job(job), self._timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return RestartOutcome(True, False, f"reload of {self._unit} did not finish within {self._timeout:g} s")
         if result != "done":
             return RestartOutcome(True, False, f"reload of {self._unit} ended with result {result!r}")

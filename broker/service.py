@@ -19,8 +19,15 @@ from typing import Any
 from . import log, names
 from .authz import Authorizer, Caller
 from .dbuslib import (
-    FLAG_ALLOW_INTERACTIVE_AUTHORIZATION, FLAG_NO_REPLY_EXPECTED, Message, MessageType,
-    PropertyAccess, ServiceInterface, dbus_property, method, signal,
+    FLAG_ALLOW_INTERACTIVE_AUTHORIZATION,
+    FLAG_NO_REPLY_EXPECTED,
+    Message,
+    MessageType,
+    PropertyAccess,
+    ServiceInterface,
+    dbus_property,
+    method,
+    signal,
 )
 from .engine import Engine
 from .errors import BrokerError, InvalidArguments, RateLimited

@@ -4,12 +4,46 @@ No D-Bus here. `staging/` is written by www-data: every path under the store is 
 relative to a directory fd without following symlinks, only regular files are read, and
 every read is capped.
 
-(Interface fixed by the design; the implementation is being written.)
+Facts about mod_md this module relies on (read in mod_md's source, v2.6.11):
+
+* Store layout: `<store>/domains/<md>/` (active set), `<store>/staging/<md>/` (renewed set),
+  `<store>/archive/<md>.<N>/`. Each set holds `md.json`, and per key type a
+  `privkey*.pem` and a `pubcert*.pem` (the leaf first, then the chain).
+* File names per key type: the key type's name is "rsa" for RSA (whatever its bit length)
+  and for the default type, the curve name for EC. "rsa" (compared without case) gives
+  `privkey.pem` / `pubcert.pem`; any other name gives `privkey.<name>.pem` /
+  `pubcert.<name>.pem`. The whole file name is lower-cased.
+* md.json: `name` (the MD name), `domains` (list of names), `privkey` (absent when not
+  configured, which means the default, RSA; else one spec object or a list of them; an empty
+  list also means the default). A spec object has `type` ("Default", "RSA" with optional
+  `bits`, or "EC" with `curve`; compared without case; a missing or unknown type is read as
+  the default).
+* job.json (in `staging/<md>/`): `finished` (bool), `notified`, `notified-renewed` (bools),
+  `errors` (an integer: the number of errored runs), `last` (the last result: `status`,
+  `problem`, `detail`, ...), `log` (`entries`, newest first), `valid-from`, `next-run`.
+  mod_md activates a staged set on restart whether or not a job.json exists, and only when
+  `staging/<md>/md.json` exists.
 """
 
 from __future__ import annotations
 
+import datetime
+import errno
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import stat
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, NamedTuple, Self
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from .errors import InvalidName, NothingStaged, StagingInvalid
 
 
 @dataclass(frozen=True)
@@ -31,3 +65,561 @@ class CertSet:
     certs: tuple[CertInfo, ...]   # one per configured key type, in md.json order
     fingerprint: str              # identity of the set: sha256 over the sorted leaf sha256s
     since: float                  # mtime of the newest pubcert*.pem (when it was staged/activated)
+
+
+MAX_NAME_LEN = 253
+MAX_LABEL_LEN = 63
+MAX_PEM_BYTES = 256 * 1024       # a pubcert*.pem or privkey*.pem
+MAX_JSON_BYTES = 1024 * 1024     # md.json, job.json
+MAX_CHAIN_CERTS = 10             # certificates in one pubcert*.pem
+MAX_KEY_SPECS = 8                # key types of one MD
+MAX_MD_DOMAINS = 1000            # names of one MD
+MAX_CURVE_LEN = 64
+
+_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_CURVE_RE = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_CURVE_LEN}}}")
+_PEM_CERT_RE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.*?-----END CERTIFICATE-----", re.DOTALL)
+_PEM_BEGIN_CERT = b"-----BEGIN CERTIFICATE-----"
+
+# job.json `last.problem` of a failed notification (MDNotifyCmd: AH10108, MDMessageCmd:
+# AH10109). mod_md counts those in `errors` too, but they say nothing about the staged set.
+_NOTIFY_PROBLEMS = ("AH10108", "AH10109")
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def validate_md_name(name: str) -> None:
+    """Refuse anything but a lower-case DNS name, optionally with a leading "*." label.
+
+    The name is used exactly as given (it is a directory name in the store): no case
+    folding, no trailing-dot stripping, no Unicode mapping (IDNs come as xn-- labels).
+    """
+    if not isinstance(name, str):
+        raise InvalidName("the MD name must be a string")
+    if not name:
+        raise InvalidName("the MD name is empty")
+    if len(name) > MAX_NAME_LEN:
+        raise InvalidName(f"the MD name is longer than {MAX_NAME_LEN} characters")
+    if not name.isascii():
+        raise InvalidName("the MD name must be ASCII (use the xn-- form of a Unicode name)")
+    if "\0" in name or "/" in name:
+        raise InvalidName("the MD name contains a forbidden character")
+    if name != name.lower():
+        raise InvalidName("the MD name must be lower case")
+    if name.endswith("."):
+        raise InvalidName("the MD name must not end with a dot")
+    rest = name.removeprefix("*.")
+    if "*" in rest:
+        raise InvalidName("a wildcard is allowed only as the whole first label ('*.')")
+    for label in rest.split("."):
+        if not label:
+            raise InvalidName("the MD name has an empty label")
+        if len(label) > MAX_LABEL_LEN:
+            raise InvalidName(f"a label of the MD name is longer than {MAX_LABEL_LEN} characters")
+        if not _LABEL_RE.fullmatch(label):
+            raise InvalidName(
+                "labels of the MD name may hold only a-z, 0-9 and '-', not at their start or end")
+
+
+def name_covered(name: str, sans: tuple[str, ...] | list[str] | set[str]) -> bool:
+    """Whether a certificate with these DNS subjectAltNames (lower case) covers `name`.
+
+    As TLS does it: an exact match, or a SAN "*.<rest>" for a name of exactly one more,
+    non-empty label in front of "<rest>". A wildcard name is covered only by the same
+    wildcard SAN.
+    """
+    name = name.lower()
+    if name in sans:
+        return True
+    first, dot, rest = name.partition(".")
+    if not dot or not first or first == "*" or not rest:
+        return False
+    return ("*." + rest) in sans
+
+
+class _KeySpec(NamedTuple):
+    key_type: str   # "rsa" or the curve name as configured
+    pubcert: str    # e.g. "pubcert.pem", "pubcert.secp256r1.pem"
+    privkey: str
+
+
+def _key_spec(key_type: str) -> _KeySpec:
+    # mod_md (md_store.c): "<base>.pem" for "rsa" (any case), else "<base>.<name>.pem",
+    # the whole name lower-cased.
+    if key_type.lower() == "rsa":
+        return _KeySpec(key_type, "pubcert.pem", "privkey.pem")
+    return _KeySpec(key_type, f"pubcert.{key_type}.pem".lower(), f"privkey.{key_type}.pem".lower())
+
+
+class _MdJson(NamedTuple):
+    names: tuple[str, ...]
+    specs: tuple[_KeySpec, ...]
+
+
+def _epoch(dt: datetime.datetime) -> float:
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=datetime.UTC)
+    return dt.timestamp()
+
+
+def _fingerprint(sha256s: list[str] | tuple[str, ...]) -> str:
+    return hashlib.sha256("\n".join(sorted(sha256s)).encode("ascii")).hexdigest()
+
+
+class _Loaded(NamedTuple):
+    info: CertInfo
+    ip_sans: tuple[str, ...]
+    mtime: float
+
+
+class _Fds:
+    """Directory fds opened during one call, closed together."""
+
+    def __init__(self) -> None:
+        self._fds: list[int] = []
+
+    def add(self, fd: int) -> int:
+        self._fds.append(fd)
+        return fd
+
+    def close(self) -> None:
+        while self._fds:
+            try:
+                os.close(self._fds.pop())
+            except OSError:
+                pass
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_dir(fds: _Fds, parent: int, name: str, rel: str) -> int | None:
+    """fd of the directory `name` under `parent`, None when absent; never follows a symlink."""
+    try:
+        return fds.add(os.open(name, _DIR_FLAGS, dir_fd=parent))
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+            raise StagingInvalid("not-directory", f"{rel} is not a directory") from None
+        raise StagingInvalid("unreadable", f"cannot open {rel}: {e.strerror}") from None
+
+
+def _read_file(dir_fd: int, name: str, rel: str, cap: int) -> tuple[bytes, os.stat_result] | None:
+    """Contents and stat of the regular file `name` under `dir_fd`, None when absent.
+
+    Never follows a symlink, never blocks on a FIFO, never reads more than `cap` bytes.
+    """
+    try:
+        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EMLINK):
+            raise StagingInvalid("not-regular-file", f"{rel} is not a regular file") from None
+        raise StagingInvalid("unreadable", f"cannot open {rel}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StagingInvalid("not-regular-file", f"{rel} is not a regular file")
+        if st.st_size > cap:
+            raise StagingInvalid("too-large", f"{rel} is larger than {cap} bytes")
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            chunk = os.read(fd, min(65536, cap + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > cap:
+                raise StagingInvalid("too-large", f"{rel} is larger than {cap} bytes")
+        return b"".join(chunks), st
+    except OSError as e:
+        raise StagingInvalid("unreadable", f"cannot read {rel}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _parse_json(data: bytes, rel: str, check: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):
+        raise StagingInvalid(check, f"{rel} is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise StagingInvalid(check, f"{rel} is not a JSON object")
+    return obj
+
+
+def _parse_md_json(data: bytes, md: str, rel: str) -> _MdJson:
+    obj = _parse_json(data, rel, "md-json")
+    name = obj.get("name")
+    if name is not None and name != md:
+        raise StagingInvalid("md-json", f"{rel} describes another MD")
+    domains = obj.get("domains")
+    if not isinstance(domains, list) or not domains:
+        raise StagingInvalid("md-json", f"{rel} has no list of domains")
+    if len(domains) > MAX_MD_DOMAINS:
+        raise StagingInvalid("md-json", f"{rel} lists more than {MAX_MD_DOMAINS} domains")
+    for d in domains:
+        if not isinstance(d, str) or not d or len(d) > MAX_NAME_LEN or not d.isascii():
+            raise StagingInvalid("md-json", f"{rel} lists an invalid domain")
+    pk = obj.get("privkey")
+    if pk is None:
+        raw_specs: list[Any] = []
+    elif isinstance(pk, dict):
+        raw_specs = [pk]
+    elif isinstance(pk, list):
+        raw_specs = pk
+    else:
+        raise StagingInvalid("md-json", f"{rel}: privkey is neither an object nor a list")
+    if len(raw_specs) > MAX_KEY_SPECS:
+        raise StagingInvalid("md-json", f"{rel} lists more than {MAX_KEY_SPECS} key types")
+    specs: list[_KeySpec] = []
+    for raw in raw_specs:
+        if not isinstance(raw, dict):
+            raise StagingInvalid("md-json", f"{rel}: a privkey entry is not an object")
+        ktype = raw.get("type")
+        if ktype is not None and not isinstance(ktype, str):
+            raise StagingInvalid("md-json", f"{rel}: a privkey type is not a string")
+        if isinstance(ktype, str) and ktype.lower() == "ec":
+            curve = raw.get("curve")
+            if not isinstance(curve, str) or not _CURVE_RE.fullmatch(curve):
+                raise StagingInvalid("md-json", f"{rel}: an EC key type has no valid curve")
+            specs.append(_key_spec(curve))
+        else:
+            # "Default", "RSA" and, as mod_md reads them, a missing or unknown type.
+            specs.append(_key_spec("rsa"))
+    if not specs:
+        specs.append(_key_spec("rsa"))
+    files = [s.pubcert for s in specs]
+    if len(set(files)) != len(files):
+        raise StagingInvalid("md-json", f"{rel} lists a key type twice")
+    return _MdJson(tuple(domains), tuple(specs))
+
+
+def _load_cert(data: bytes, st: os.stat_result, spec: _KeySpec, rel: str) -> _Loaded:
+    """The leaf of a pubcert*.pem; every certificate of the chain must parse."""
+    count = data.count(_PEM_BEGIN_CERT)
+    if count > MAX_CHAIN_CERTS:
+        raise StagingInvalid("chain-too-long", f"{rel} holds more than {MAX_CHAIN_CERTS} certificates")
+    blocks = _PEM_CERT_RE.findall(data)
+    if not blocks or len(blocks) != count:
+        raise StagingInvalid("cert-parse", f"{rel} does not hold well-formed PEM certificates")
+    try:
+        certs = [x509.load_pem_x509_certificate(b) for b in blocks]
+        leaf = certs[0]
+        sha256 = leaf.fingerprint(hashes.SHA256()).hex()
+        nb = getattr(leaf, "not_valid_before_utc", None) or leaf.not_valid_before
+        na = getattr(leaf, "not_valid_after_utc", None) or leaf.not_valid_after
+        issuer = leaf.issuer.rfc4514_string()
+        try:
+            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            dns = tuple(san.get_values_for_type(x509.DNSName))
+            ips = tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
+        except x509.ExtensionNotFound:
+            dns, ips = (), ()
+        info = CertInfo(
+            key_type=spec.key_type,
+            file=spec.pubcert,
+            serial=format(leaf.serial_number, "x"),
+            sha256=sha256,
+            not_before=_epoch(nb),
+            not_after=_epoch(na),
+            issuer=issuer,
+            names=dns,
+        )
+    except StagingInvalid:
+        raise
+    except Exception:  # noqa: BLE001 - whatever a malformed certificate makes the parser raise
+        raise StagingInvalid("cert-parse", f"{rel} holds a certificate that does not parse") from None
+    return _Loaded(info, ips, st.st_mtime)
+
+
+def _covers(name: str, loaded: _Loaded) -> bool:
+    try:
+        ip = ipaddress.ip_address(name)
+    except ValueError:
+        return name_covered(name, {n.lower() for n in loaded.info.names})
+    return str(ip) in loaded.ip_sans
+
+
+class Store:
+    """Read-only view of mod_md's store at `root` (MDStoreDir)."""
+
+    def __init__(self, root: str, clock: Callable[[], float] = time.time):
+        self.root = root
+        self.clock = clock
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _open_root(self, fds: _Fds) -> int | None:
+        """fd of the store's root (the configured path may itself contain symlinks)."""
+        try:
+            return fds.add(os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StagingInvalid("unreadable", f"cannot open the MD store: {e.strerror}") from None
+
+    def _md_dir(self, fds: _Fds, root: int, group: str, md: str) -> int | None:
+        gfd = _open_dir(fds, root, group, group)
+        if gfd is None:
+            return None
+        return _open_dir(fds, gfd, md, f"{group}/{md}")
+
+    def _md_json(self, dfd: int | None, group: str, md: str) -> _MdJson | None:
+        if dfd is None:
+            return None
+        rel = f"{group}/{md}/md.json"
+        got = _read_file(dfd, "md.json", rel, MAX_JSON_BYTES)
+        if got is None:
+            return None
+        return _parse_md_json(got[0], md, rel)
+
+    @staticmethod
+    def _read_pubcert(dfd: int, group: str, md: str, spec: _KeySpec) -> _Loaded | None:
+        rel = f"{group}/{md}/{spec.pubcert}"
+        got = _read_file(dfd, spec.pubcert, rel, MAX_PEM_BYTES)
+        if got is None:
+            return None
+        return _load_cert(got[0], got[1], spec, rel)
+
+    @staticmethod
+    def _make_set(md: str, mdj: _MdJson, loaded: list[_Loaded]) -> CertSet:
+        return CertSet(
+            md=md,
+            names=mdj.names,
+            certs=tuple(item.info for item in loaded),
+            fingerprint=_fingerprint([item.info.sha256 for item in loaded]),
+            since=max(item.mtime for item in loaded),
+        )
+
+    @classmethod
+    def _active_leaf_sha256(cls, domains_fd: int | None, md: str, spec: _KeySpec) -> str | None:
+        """The active leaf's sha256 for a key type; None when there is none or it is unreadable."""
+        if domains_fd is None:
+            return None
+        try:
+            loaded = cls._read_pubcert(domains_fd, "domains", md, spec)
+        except StagingInvalid:
+            return None
+        return loaded.info.sha256 if loaded else None
+
+    # -- public API ----------------------------------------------------------------------
+
+    def check_staged(self, md: str) -> CertSet:
+        """The staged set of `md`, verified; raises InvalidName, NothingStaged, StagingInvalid."""
+        validate_md_name(md)
+        nothing = NothingStaged(f"no certificate set is staged for {md}")
+        with _Fds() as fds:
+            root = self._open_root(fds)
+            if root is None:
+                raise nothing
+            sfd = self._md_dir(fds, root, "staging", md)
+            if sfd is None:
+                raise nothing
+            domains_fd = self._md_dir(fds, root, "domains", md)
+            domains_mdj = self._md_json(domains_fd, "domains", md)
+            # mod_md activates nothing without staging/<md>/md.json. It is untrusted: its names
+            # and key types count only when domains/<md>/md.json is absent.
+            staging_mdj = self._md_json(sfd, "staging", md)
+            if staging_mdj is None:
+                raise nothing
+            mdj = domains_mdj or staging_mdj
+
+            # Complete: every configured key type has its pubcert file.
+            loaded: list[_Loaded | None] = []
+            for spec in mdj.specs:
+                rel = f"staging/{md}/{spec.pubcert}"
+                got = _read_file(sfd, spec.pubcert, rel, MAX_PEM_BYTES)
+                loaded.append(None if got is None else _load_cert(got[0], got[1], spec, rel))
+            if all(item is None for item in loaded):
+                raise nothing
+            for spec, item in zip(mdj.specs, loaded):
+                if item is None:
+                    raise StagingInvalid(
+                        "incomplete", f"staging/{md}/{spec.pubcert} is missing (key type {spec.key_type})")
+            certs: list[_Loaded] = [item for item in loaded if item is not None]
+
+            self._check_job(sfd, md)
+
+            for spec in mdj.specs:
+                self._check_privkey(sfd, md, spec)
+
+            now = self.clock()
+            for item in certs:
+                rel = f"staging/{md}/{item.info.file}"
+                if now < item.info.not_before:
+                    raise StagingInvalid("not-yet-valid", f"{rel} is not valid yet")
+                if now > item.info.not_after:
+                    raise StagingInvalid("expired", f"{rel} has expired")
+
+            for item in certs:
+                for name in mdj.names:
+                    if not _covers(name, item):
+                        raise StagingInvalid(
+                            "names", f"staging/{md}/{item.info.file} does not cover {name}")
+
+            for spec, item in zip(mdj.specs, certs):
+                if self._active_leaf_sha256(domains_fd, md, spec) == item.info.sha256:
+                    raise StagingInvalid(
+                        "same-as-active", f"staging/{md}/{spec.pubcert} is the active certificate")
+
+            return self._make_set(md, mdj, certs)
+
+    @staticmethod
+    def _check_job(sfd: int, md: str) -> None:
+        """job.json, when present, must show a finished renewal whose last run did not fail.
+
+        A missing job.json is accepted: mod_md writes it beside the set but activates a staged
+        set on restart without it, and www-data could remove it anyway, so it cannot be a
+        safeguard. The set itself is verified on its own.
+        `errors` counts errored runs. mod_md zeroes it when a renewal finishes and counts on
+        afterwards for failed notifications (a failed hook), which is exactly when the hook is
+        asked again; so a non-zero count is a failure only when the last result failed for
+        another reason than a notification.
+        """
+        rel = f"staging/{md}/job.json"
+        got = _read_file(sfd, "job.json", rel, MAX_JSON_BYTES)
+        if got is None:
+            return
+        job = _parse_json(got[0], rel, "job-json")
+        name = job.get("name")
+        if name is not None and name != md:
+            raise StagingInvalid("job-json", f"{rel} describes another MD")
+        if job.get("finished") is not True:
+            raise StagingInvalid("job-not-finished", f"{rel} does not show a finished renewal")
+        errors = job.get("errors", 0)
+        if isinstance(errors, bool) or not isinstance(errors, int) or errors < 0:
+            raise StagingInvalid("job-json", f"{rel}: errors is not a count")
+        if errors == 0:
+            return
+        last = job.get("last")
+        if not isinstance(last, dict):
+            return
+        status = last.get("status", 0)
+        if status == 0 or status is None:
+            return
+        problem = last.get("problem")
+        if isinstance(problem, str) and any(p in problem for p in _NOTIFY_PROBLEMS):
+            return
+        raise StagingInvalid("job-errors", f"{rel} shows that mod_md's last run for {md} failed")
+
+    @staticmethod
+    def _check_privkey(sfd: int, md: str, spec: _KeySpec) -> None:
+        """The key file exists as a regular file and holds a PEM private key (not decrypted)."""
+        rel = f"staging/{md}/{spec.privkey}"
+        try:
+            got = _read_file(sfd, spec.privkey, rel, MAX_PEM_BYTES)
+        except StagingInvalid as e:
+            if e.check == "not-regular-file":
+                raise StagingInvalid("key-file", f"{rel} is not a regular file") from None
+            raise
+        if got is None:
+            raise StagingInvalid("key-file", f"{rel} is missing (key type {spec.key_type})")
+        data = got[0]
+        if b"-----BEGIN " not in data or b"PRIVATE KEY-----" not in data:
+            raise StagingInvalid("key-file", f"{rel} does not hold a PEM private key")
+
+    def staged_fingerprint(self, md: str) -> str | None:
+        """Fingerprint of the complete set staged now, None when none is (no validity checks).
+
+        Raises InvalidName, and StagingInvalid for hostile content (symlinks, FIFOs, huge or
+        unparsable files).
+        """
+        validate_md_name(md)
+        with _Fds() as fds:
+            root = self._open_root(fds)
+            if root is None:
+                return None
+            sfd = self._md_dir(fds, root, "staging", md)
+            if sfd is None:
+                return None
+            mdj = self._md_json(self._md_dir(fds, root, "domains", md), "domains", md)
+            if mdj is None:
+                mdj = self._md_json(sfd, "staging", md)
+            if mdj is None:
+                return None
+            sha256s = []
+            for spec in mdj.specs:
+                item = self._read_pubcert(sfd, "staging", md, spec)
+                if item is None:
+                    return None
+                sha256s.append(item.info.sha256)
+            return _fingerprint(sha256s)
+
+    def job_notified(self, md: str) -> bool:
+        """staging/<md>/job.json shows "notified-renewed": true. False on anything odd."""
+        try:
+            validate_md_name(md)
+            with _Fds() as fds:
+                root = self._open_root(fds)
+                if root is None:
+                    return False
+                sfd = self._md_dir(fds, root, "staging", md)
+                if sfd is None:
+                    return False
+                rel = f"staging/{md}/job.json"
+                got = _read_file(sfd, "job.json", rel, MAX_JSON_BYTES)
+                if got is None:
+                    return False
+                job = _parse_json(got[0], rel, "job-json")
+                return job.get("notified-renewed") is True
+        except Exception:  # noqa: BLE001 - documented: never raises
+            return False
+
+    def active(self, md: str) -> CertSet | None:
+        """The active set in domains/<md>/, None when absent or incomplete.
+
+        Parsed like a staged set, without validity checks. Raises InvalidName, and
+        StagingInvalid for unreadable content.
+        """
+        validate_md_name(md)
+        with _Fds() as fds:
+            root = self._open_root(fds)
+            if root is None:
+                return None
+            dfd = self._md_dir(fds, root, "domains", md)
+            mdj = self._md_json(dfd, "domains", md)
+            if dfd is None or mdj is None:
+                return None
+            loaded: list[_Loaded] = []
+            for spec in mdj.specs:
+                item = self._read_pubcert(dfd, "domains", md, spec)
+                if item is None:
+                    return None
+                loaded.append(item)
+            return self._make_set(md, mdj, loaded)
+
+    def list_mds(self) -> list[str]:
+        """Sorted valid MD names that are directories under domains/ or staging/."""
+        found: set[str] = set()
+        with _Fds() as fds:
+            root = self._open_root(fds)
+            if root is None:
+                return []
+            for group in ("domains", "staging"):
+                try:
+                    gfd = _open_dir(fds, root, group, group)
+                except StagingInvalid:
+                    continue
+                if gfd is None:
+                    continue
+                try:
+                    with os.scandir(gfd) as it:
+                        for entry in it:
+                            try:
+                                validate_md_name(entry.name)
+                            except InvalidName:
+                                continue
+                            if entry.is_dir(follow_symlinks=False):
+                                found.add(entry.name)
+                except OSError:
+                    continue
+        return sorted(found)
