@@ -1,0 +1,140 @@
+"""Helpers shared by the D-Bus test tiers: private buses, raw calls, the broker process."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from broker import dbuslib, names
+from broker.dbuslib import Message, MessageType
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def start_dbus_daemon(config_file: Path) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        ["dbus-daemon", "--nofork", "--print-address=1", f"--config-file={config_file}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    address = proc.stdout.readline().strip()
+    if not address:
+        proc.kill()
+        raise RuntimeError(f"dbus-daemon did not start: {proc.stderr.read()}")
+    return proc, address
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 5) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def call(bus, member: str, signature: str = "", body: list | None = None, *,
+               destination: str = names.BUS_NAME, path: str = names.OBJECT_PATH,
+               interface: str = names.INTERFACE, flags: int = 0, timeout: float = 10) -> Message:
+    """A raw method call; returns the reply Message (METHOD_RETURN or ERROR) without raising."""
+    msg = Message(destination=destination, path=path, interface=interface, member=member,
+                  signature=signature, body=body or [], flags=dbuslib.MessageFlag(flags))
+    return await asyncio.wait_for(bus.call(msg), timeout)
+
+
+def error_of(reply: Message) -> tuple[str, str] | None:
+    if reply.message_type != MessageType.ERROR:
+        return None
+    return reply.error_name, (reply.body[0] if reply.body else "")
+
+
+async def get_property(bus, prop: str):
+    reply = await call(bus, "Get", "ss", [names.INTERFACE, prop],
+                       interface="org.freedesktop.DBus.Properties")
+    assert reply.message_type == MessageType.METHOD_RETURN, error_of(reply)
+    return reply.body[0].value
+
+
+async def name_has_owner(bus, name: str) -> bool:
+    reply = await call(bus, "NameHasOwner", "s", [name], destination=names.DBUS_BUS_NAME,
+                       path=names.DBUS_PATH, interface=names.DBUS_INTERFACE)
+    return bool(reply.body[0])
+
+
+async def wait_for_name(bus, name: str, timeout: float = 10, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not await name_has_owner(bus, name):
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process owning {name} exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} did not appear on the bus")
+        await asyncio.sleep(0.02)
+
+
+class SignalRecorder:
+    """Collects signals from the broker (RestartFinished, PropertiesChanged)."""
+
+    def __init__(self, bus):
+        self.bus = bus
+        self.signals: list[Message] = []
+        self.event = asyncio.Event()
+
+    async def start(self) -> "SignalRecorder":
+        self.bus.add_message_handler(self._on)
+        rule = f"type='signal',path='{names.OBJECT_PATH}'"
+        await call(self.bus, "AddMatch", "s", [rule], destination=names.DBUS_BUS_NAME,
+                   path=names.DBUS_PATH, interface=names.DBUS_INTERFACE)
+        return self
+
+    def _on(self, msg: Message) -> bool:
+        if msg.message_type == MessageType.SIGNAL and msg.path == names.OBJECT_PATH:
+            self.signals.append(msg)
+            self.event.set()
+        return False
+
+    def of(self, member: str) -> list[Message]:
+        return [m for m in self.signals if m.member == member]
+
+    async def wait_for(self, member: str, count: int = 1, timeout: float = 15) -> list[Message]:
+        deadline = time.monotonic() + timeout
+        while len(self.of(member)) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{count} {member} signal(s) expected, got {len(self.of(member))}")
+            self.event.clear()
+            try:
+                await asyncio.wait_for(self.event.wait(), remaining)
+            except TimeoutError:
+                pass
+        return self.of(member)
+
+
+def broker_command(config_file: Path, bus_address: str) -> list[str]:
+    return [sys.executable, "-m", "broker.main", "--config", str(config_file),
+            "--bus-address", bus_address]
+
+
+def broker_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra or {})
+    return env
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(v)
+
+
+def write_config(path: Path, values: dict) -> Path:
+    path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()))
+    return path
