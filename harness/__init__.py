@@ -1,0 +1,38 @@
+"""A throwaway stack for end-to-end tests and the demo: pebble (ACME), Apache with mod_md, a
+private system-like D-Bus and the real polkitd, on loopback, in one temporary directory.
+
+Runs as root on Debian 12 (packages: apache2, pebble, dbus, polkitd) and never touches the host's
+Apache, D-Bus or polkit configuration. ``running_stack`` is the entry point; the modules can be
+used alone (``Pebble``, ``Apache``, ``PrivateBus``, ``Polkitd``).
+"""
+
+from .apache import Apache, ApacheSettings, md_name
+from .bus import Polkitd, PrivateBus, check_authorization, name_has_owner
+from .certs import CertInfo, served_certificate
+from .pebble import Pebble
+from .procs import HarnessError, ManagedProcess, marked_pids
+from .recorder import HookCall, HookRecorder
+from .stack import ProcessSpec, Stack, StackOptions, project_files, running_stack
+
+__all__ = [
+    "Apache",
+    "ApacheSettings",
+    "CertInfo",
+    "HarnessError",
+    "HookCall",
+    "HookRecorder",
+    "ManagedProcess",
+    "Pebble",
+    "Polkitd",
+    "PrivateBus",
+    "ProcessSpec",
+    "Stack",
+    "StackOptions",
+    "check_authorization",
+    "marked_pids",
+    "md_name",
+    "name_has_owner",
+    "project_files",
+    "running_stack",
+    "served_certificate",
+]
