@@ -1,0 +1,176 @@
+"""The core's whole flow without D-Bus: request, settle, restart, verify, remember."""
+
+import asyncio
+
+import pytest
+
+from broker.config import from_mapping
+from broker.engine import Engine
+from broker.errors import AlreadyFailed, NothingStaged, RateLimited, StagingInvalid
+from broker.restart import RestartOutcome
+from broker.staging import Store
+from broker.state import StateFile
+from tests import storefactory
+
+MD = "www.example.test"
+
+
+class FakeApache:
+    """A restarter that does what mod_md does on a graceful restart, or fails as told."""
+
+    def __init__(self, store, activate=True, configtest_ok=True):
+        self.store, self.activate, self.configtest_ok = store, activate, configtest_ok
+        self.restarts = 0
+
+    async def restart(self):
+        if not self.configtest_ok:
+            return RestartOutcome(False, False, "config test failed: AH00526: Syntax error")
+        self.restarts += 1
+        if self.activate:
+            for md in sorted(p.name for p in (self.store / "staging").iterdir()):
+                storefactory.activate(self.store, md)
+        return RestartOutcome(True, True, "graceful restart issued")
+
+
+class Clock:
+    def __init__(self, t=1_800_000_000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def make_engine(tmp_path, store, apache, clock, **cfg):
+    config = from_mapping({"md_store": str(store), "state_dir": str(tmp_path / "state"),
+                           "settle_seconds": 10, "min_interval_seconds": 60,
+                           "verify_timeout_seconds": 0, **cfg})
+    finished = []
+    engine = Engine(config, Store(str(store)), apache, StateFile(str(tmp_path / "state")), clock=clock)
+    engine.on_restart_finished = lambda ok, detail, names: finished.append((ok, detail, names))
+    return engine, finished
+
+
+@pytest.fixture
+def store(tmp_path):
+    return storefactory.make_store(tmp_path)
+
+
+async def test_request_plans_after_settle_and_restart_activates(tmp_path, store):
+    storefactory.add_staged(store, MD, [MD])
+    clock = Clock()
+    apache = FakeApache(store)
+    engine, finished = make_engine(tmp_path, store, apache, clock)
+    planned = engine.request(MD, caller_uid=33)
+    assert planned == int((clock.t + 10) * 1_000_000)
+    assert engine.pending and engine.planned_at_usec == planned
+    await engine.restart_now()
+    assert apache.restarts == 1
+    assert finished == [(True, "1 MD active", [MD])]
+    assert engine.last_result == "ok" and engine.last_restart_usec == int(clock.t * 1_000_000)
+    assert not engine.pending
+
+
+async def test_failed_set_is_not_restarted_again_unless_root(tmp_path, store):
+    storefactory.add_staged(store, MD, [MD])
+    apache = FakeApache(store, activate=False)
+    engine, finished = make_engine(tmp_path, store, apache, Clock())
+    engine.request(MD, caller_uid=33)
+    await engine.restart_now()
+    assert finished[0][0] is False and "still staged" in finished[0][1]
+    with pytest.raises(AlreadyFailed):
+        engine.request(MD, caller_uid=33)
+    assert engine.check_all() == ([], 0)
+    engine.request(MD, caller_uid=0)  # root overrides
+    assert engine.pending
+
+
+async def test_config_test_failure_restarts_nothing_and_is_reported(tmp_path, store):
+    storefactory.add_staged(store, MD, [MD])
+    apache = FakeApache(store, configtest_ok=False)
+    engine, finished = make_engine(tmp_path, store, apache, Clock())
+    engine.request(MD, caller_uid=33)
+    await engine.restart_now()
+    assert finished == [(False, "config test failed: AH00526: Syntax error", [MD])]
+    assert engine.last_restart_usec == 0
+    assert engine.last_result.startswith("failed: config test failed")
+    # Not a failed activation: the same set may be requested again.
+    apache.configtest_ok = True
+    engine.request(MD, caller_uid=33)
+    await engine.restart_now()
+    assert finished[-1][0] is True
+
+
+async def test_pending_work_survives_a_new_engine(tmp_path, store):
+    storefactory.add_staged(store, MD, [MD])
+    clock = Clock()
+    engine, _ = make_engine(tmp_path, store, FakeApache(store), clock)
+    planned = engine.request(MD, caller_uid=33)
+    again, finished = make_engine(tmp_path, store, FakeApache(store), clock)
+    assert again.pending and again.planned_at_usec == planned
+    await again.restart_now()
+    assert finished[0][0] is True
+
+
+async def test_batch_interrupted_mid_restart_is_resumed(tmp_path, store):
+    storefactory.add_staged(store, MD, [MD])
+    clock = Clock()
+
+    class Hanging(FakeApache):
+        async def restart(self):
+            await asyncio.Event().wait()
+
+    engine, _ = make_engine(tmp_path, store, Hanging(store), clock)
+    engine.request(MD, caller_uid=33)
+    task = asyncio.ensure_future(engine.restart_now())
+    await asyncio.sleep(0.05)
+    task.cancel()  # the broker died while Apache was restarting
+    again, finished = make_engine(tmp_path, store, FakeApache(store), clock)
+    assert again.pending
+    await again.restart_now()
+    assert finished[0][0] is True and finished[0][2] == [MD]
+
+
+async def test_set_activated_meanwhile_needs_no_restart(tmp_path, store):
+    storefactory.add_staged(store, MD, [MD])
+    apache = FakeApache(store)
+    engine, finished = make_engine(tmp_path, store, apache, Clock())
+    engine.request(MD, caller_uid=33)
+    storefactory.activate(store, MD)  # someone else restarted Apache
+    await engine.restart_now()
+    assert apache.restarts == 0 and finished == []
+    assert not engine.pending
+
+
+async def test_refusals_change_nothing(tmp_path, store):
+    storefactory.add_staged(store, MD, [MD], cert_names=["other.example.test"])
+    engine, _ = make_engine(tmp_path, store, FakeApache(store), Clock(), rate_burst=2, rate_per_second=0)
+    with pytest.raises(StagingInvalid):
+        engine.request(MD, caller_uid=33)
+    with pytest.raises(NothingStaged):
+        engine.request("nothing.example.test", caller_uid=33)
+    assert not engine.pending
+    with pytest.raises(RateLimited):
+        engine.request(MD, caller_uid=33)
+    # Buckets are per user: root still has its own.
+    with pytest.raises(StagingInvalid):
+        engine.request(MD, caller_uid=0)
+
+
+async def test_run_loop_restarts_early_when_mod_md_notified(tmp_path, store):
+    storefactory.add_staged(store, MD, [MD], job={"notified-renewed": False})
+    clock = Clock()
+    apache = FakeApache(store)
+    engine, finished = make_engine(tmp_path, store, apache, clock, settle_seconds=3600)
+    engine.request(MD, caller_uid=33)
+    runner = asyncio.ensure_future(engine.run())
+    try:
+        await asyncio.sleep(0.6)
+        assert apache.restarts == 0
+        storefactory.write_job(store, MD, {"notified-renewed": True})
+        for _ in range(40):
+            if finished:
+                break
+            await asyncio.sleep(0.05)
+        assert apache.restarts == 1 and finished[0][0] is True
+    finally:
+        runner.cancel()
