@@ -3,7 +3,7 @@
     MDMessageCmd /usr/local/bin/apache-restart-hook [--bus-address ADDRESS] [--timeout SECONDS]
 
 mod_md appends REASON and the MD name (and future versions may append more, which is
-ignored). What the hook does per reason, and why, is in docs/admin.md; in short:
+ignored). What the hook does per reason, and why, is in the README; in short:
 
     renewed    ask the broker for a graceful restart (RequestGracefulRestart), at most
                --timeout seconds (default and maximum 10). Exit 0 when the broker took it, or
