@@ -44,7 +44,7 @@ if LIB_NAME == "dbus_fast":
     from dbus_fast.aio import MessageBus
     from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 else:
-    from dbus_next import (  # type: ignore[no-redef]  # noqa: F401
+    from dbus_next import (  # type: ignore[no-redef,assignment]  # noqa: F401
         BusType,
         DBusError,
         Message,
@@ -53,8 +53,8 @@ else:
         PropertyAccess,
         Variant,
     )
-    from dbus_next.aio import MessageBus  # type: ignore[no-redef]
-    from dbus_next.service import (  # type: ignore[no-redef]  # noqa: F401
+    from dbus_next.aio import MessageBus  # type: ignore[no-redef,assignment]
+    from dbus_next.service import (  # type: ignore[no-redef,assignment]  # noqa: F401
         ServiceInterface,
         dbus_property,
         method,

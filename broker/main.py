@@ -23,7 +23,7 @@ async def _serve(cfg: config.Config, bus_address: str | None) -> int:
     from . import dbuslib, names
     from .authz import Authorizer
     from .engine import Engine
-    from .restart import CommandRestarter
+    from .restart import CommandRestarter, Restarter
     from .service import ApacheRestartService
     from .staging import Store
     from .state import StateFile
@@ -31,6 +31,7 @@ async def _serve(cfg: config.Config, bus_address: str | None) -> int:
     bus = await dbuslib.connect(bus_address)
     if not dbuslib.harden_writer(bus):
         log.warning(f"{dbuslib.LIB_NAME}: unknown writer layout, a reply burst may drop the connection")
+    restarter: Restarter
     if cfg.restart_via == "systemd":
         from .restart_systemd import SystemdRestarter
         restarter = SystemdRestarter(bus, cfg.systemd_unit, cfg.configtest_command,

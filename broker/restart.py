@@ -190,6 +190,36 @@ def _seconds(value: float) -> str:
     return f"{value:g} s"
 
 
+def _log_result(log: _Log, what: str, argv: Sequence[str], result: CommandResult, timeout: float) -> None:
+    if result.error:
+        log.err(f"{what} ({argv[0] if argv else '-'}) could not run: {result.error}")
+        return
+    status = f"timed out after {_seconds(timeout)}" if result.timed_out else f"exit {result.returncode}"
+    line = f"{what} ({' '.join(argv)}) {status}: {_fold(result.output)}"
+    if result.returncode == 0:
+        log.info(line)
+    else:
+        log.warning(line)
+
+
+async def config_test(argv: Sequence[str], timeout: float, log: _Log = _default_log) -> RestartOutcome | None:
+    """Run the config test; None when it passed (or none is configured), else why not to restart.
+
+    Shared by both runners: a broken config must stop a reload through systemd just the same.
+    """
+    if not argv:
+        return None
+    result = await run_command(argv, timeout)
+    _log_result(log, "config test", argv, result, timeout)
+    if result.error:
+        return RestartOutcome(False, False, f"config test could not run: {result.error}")
+    if result.timed_out:
+        return RestartOutcome(False, False, f"config test timed out after {_seconds(timeout)}")
+    if result.returncode != 0:
+        return RestartOutcome(False, False, f"config test failed: {first_meaningful_line(result.output)}")
+    return None
+
+
 class CommandRestarter:
     """Graceful restart by running commands (restart_via = "command")."""
 
@@ -250,15 +280,7 @@ class CommandRestarter:
             return await self._restart()
 
     def _log_result(self, what: str, argv: Sequence[str], result: CommandResult) -> None:
-        if result.error:
-            self.log.err(f"{what} ({argv[0] if argv else '-'}) could not run: {result.error}")
-            return
-        status = f"timed out after {_seconds(self.timeout)}" if result.timed_out else f"exit {result.returncode}"
-        line = f"{what} ({' '.join(argv)}) {status}: {_fold(result.output)}"
-        if result.returncode == 0:
-            self.log.info(line)
-        else:
-            self.log.warning(line)
+        _log_result(self.log, what, argv, result, self.timeout)
 
     async def _restart(self) -> RestartOutcome:
         running, why = self._running()
@@ -266,17 +288,9 @@ class CommandRestarter:
             self.log.warning(f"not restarting: apache is not running ({why}; pid file {self.pid_file})")
             return RestartOutcome(False, False, f"apache is not running ({why})")
 
-        if self.configtest:
-            result = await run_command(self.configtest, self.timeout)
-            self._log_result("config test", self.configtest, result)
-            if result.error:
-                return RestartOutcome(False, False, f"config test could not run: {result.error}")
-            if result.timed_out:
-                return RestartOutcome(False, False, f"config test timed out after {_seconds(self.timeout)}")
-            if result.returncode != 0:
-                return RestartOutcome(
-                    False, False, f"config test failed: {first_meaningful_line(result.output)}"
-                )
+        refused = await config_test(self.configtest, self.timeout, self.log)
+        if refused is not None:
+            return refused
 
         if not self.graceful:
             return RestartOutcome(False, False, "no graceful command configured")

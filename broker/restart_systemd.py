@@ -11,7 +11,7 @@ from typing import Any
 
 from . import log, names
 from .dbuslib import Message, MessageType
-from .restart import RestartOutcome, run_command
+from .restart import RestartOutcome, config_test
 
 
 class SystemdRestarter:
@@ -71,12 +71,9 @@ class SystemdRestarter:
             return RestartOutcome(False, False, f"{self._unit} is not running (systemd knows no active unit)")
         if state not in ("active", "reloading"):
             return RestartOutcome(False, False, f"apache is not running ({self._unit} is {state})")
-        if self._configtest:
-            result = await run_command(self._configtest, self._timeout)
-            if result.returncode != 0:
-                first = next((line for line in result.output.splitlines() if line.strip()), "")
-                log.err(f"config test failed: {result.output.strip()}")
-                return RestartOutcome(False, False, f"config test failed: {first}".strip())
+        refused = await config_test(self._configtest, self._timeout)
+        if refused is not None:
+            return refused
         try:
             await self._subscribe()
             reply = await self._call(names.SYSTEMD_PATH, names.SYSTEMD_MANAGER_INTERFACE, "ReloadUnit",
@@ -87,11 +84,11 @@ class SystemdRestarter:
         job = reply.body[0]
         log.info(f"systemd: reloading {self._unit} as job {job}")
         try:
-            result = await asyncio.wait_for(self._wait_job(job), self._timeout)
+            job_result = await asyncio.wait_for(self._wait_job(job), self._timeout)
         except TimeoutError:
             return RestartOutcome(True, False, f"reload of {self._unit} did not finish within {self._timeout:g} s")
-        if result != "done":
-            return RestartOutcome(True, False, f"reload of {self._unit} ended with result {result!r}")
+        if job_result != "done":
+            return RestartOutcome(True, False, f"reload of {self._unit} ended with result {job_result!r}")
         return RestartOutcome(True, True, f"{self._unit} reloaded")
 
     async def _wait_job(self, job: str) -> str:

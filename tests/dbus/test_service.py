@@ -388,3 +388,37 @@ async def test_losing_the_bus_ends_the_process_nonzero(start_broker, client, bus
     busutil.stop(bus_daemon[0], sig=9)
     assert broker.proc.wait(10) == 1
     assert "lost the bus connection" in broker.log()
+
+
+async def test_systemd_mode_broken_config_reloads_nothing(start_broker, client, allow, store, bus_address):
+    from tests.dbus.conftest import start_mock
+    storefactory.add_staged(store, MD, [MD])
+    systemd = await start_mock(bus_address, str(busutil.REPO / "tests" / "dbus" / "systemd_mock.py"),
+                               names.SYSTEMD_BUS_NAME, names.SYSTEMD_PATH,
+                               json.dumps({"store": str(store)}))
+    try:
+        rec = await busutil.SignalRecorder(client).start()
+        broker = await start_broker(restart_via="systemd", wait=False)
+        (broker.control / "configtest-fails").write_text("")
+        await busutil.wait_for_name(client, names.BUS_NAME, proc=broker.proc)
+        assert error_of(await call(client, "RequestGracefulRestart", "s", [MD])) is None
+        (finished,) = await rec.wait_for("RestartFinished")
+        assert finished.body[0] is False and "config test failed" in finished.body[1]
+        assert await systemd.calls(client, "ReloadUnit") == []
+        assert await get_property(client, "LastRestart") == 0
+    finally:
+        busutil.stop(systemd.proc)
+
+
+async def test_idle_broker_exits_and_busy_one_stays(start_broker, client, allow, store):
+    idle = await start_broker(idle_exit_seconds=1)
+    assert idle.proc.wait(10) == 0
+    assert "idle" in idle.log()
+    storefactory.add_staged(store, MD, [MD])
+    rec = await busutil.SignalRecorder(client).start()
+    busy = await start_broker(idle_exit_seconds=1, settle_seconds=2.5)
+    assert error_of(await call(client, "RequestGracefulRestart", "s", [MD])) is None
+    await asyncio.sleep(1.8)
+    assert busy.proc.poll() is None  # a restart is pending: it must not leave
+    await rec.wait_for("RestartFinished")
+    assert busy.proc.wait(10) == 0
