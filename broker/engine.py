@@ -25,6 +25,11 @@ from .verify import Verdict, verify_activation
 
 # How often job.json is looked at while a settle window is open: it decides an early end.
 JOB_POLL_SECONDS = 0.25
+# Once every MD of the window shows mod_md's "notified-renewed", the window still waits this
+# long with no other renewal under way before it ends early. mod_md renews MDs one after
+# another: the next MD's job starts a moment after the previous hook returned, and its
+# `renewed` should join this restart rather than cause a second one.
+QUIET_SECONDS = 1.0
 
 Verifier = Callable[[Store, Mapping[str, CertSet], Sequence[str], float], Awaitable[Verdict]]
 
@@ -59,6 +64,7 @@ class Engine:
         self.on_properties_changed: Callable[[dict[str, Any]], None] = lambda changed: None
         self.on_restart_finished: Callable[[bool, str, list[str]], None] = lambda ok, detail, mds: None
         self._wakeup = asyncio.Event()
+        self._settled_since: float | None = None
         self._load_state()
 
     # -- state on disk -------------------------------------------------------------------
@@ -111,8 +117,24 @@ class Engine:
 
     @property
     def planned_at_usec(self) -> int:
-        planned = self.scheduler.planned_at(self.clock(), self._notified)
+        planned = self._planned_at(self.clock())
         return 0 if planned is None else _usec(planned)
+
+    def _planned_at(self, now: float) -> float | None:
+        settled = self._settled(now)
+        return self.scheduler.planned_at(now, lambda md: settled)
+
+    def _settled(self, now: float) -> bool:
+        """May the settle window end early? mod_md is done with every MD in it, and quiet."""
+        pending = self.scheduler.pending
+        done = bool(pending) and all(self.store.job_notified(md) for md in pending) and not any(
+            md not in pending for md in self.store.renewals_in_progress())
+        if not done:
+            self._settled_since = None
+            return False
+        if self._settled_since is None or self._settled_since > now:
+            self._settled_since = now
+        return now - self._settled_since >= QUIET_SECONDS
 
     def properties(self) -> dict[str, Any]:
         return {
@@ -128,9 +150,6 @@ class Engine:
         changed = {k: v for k, v in after.items() if before.get(k) != v}
         if changed:
             self.on_properties_changed(changed)
-
-    def _notified(self, md: str) -> bool:
-        return self.store.job_notified(md)
 
     # -- requests ------------------------------------------------------------------------
 
@@ -156,7 +175,7 @@ class Engine:
             log.info(f"{md}: restart requested for staged serial "
                      f"{', '.join(c.serial for c in staged.certs)}"
                      + (" (root retries a set that failed before)" if was_failed else ""))
-        planned_at = self.scheduler.planned_at(now, self._notified)
+        planned_at = self._planned_at(now)
         self._save()
         self._emit_changes(before)
         self._wakeup.set()
@@ -225,7 +244,7 @@ class Engine:
     async def run(self) -> None:
         """Carry out planned restarts, forever."""
         while True:
-            planned = self.scheduler.planned_at(self.clock(), self._notified)
+            planned = self._planned_at(self.clock())
             if planned is None:
                 self._wakeup.clear()
                 await self._wakeup.wait()

@@ -68,6 +68,8 @@ class CertSet:
 
 
 MAX_NAME_LEN = 253
+# A job.json untouched for this long belongs to a renewal mod_md is not working on now.
+RENEWAL_ACTIVE_SECONDS = 300.0
 MAX_LABEL_LEN = 63
 MAX_PEM_BYTES = 256 * 1024       # a pubcert*.pem or privkey*.pem
 MAX_JSON_BYTES = 1024 * 1024     # md.json, job.json
@@ -554,25 +556,44 @@ class Store:
                 sha256s.append(item.info.sha256)
             return _fingerprint(sha256s)
 
-    def job_notified(self, md: str) -> bool:
-        """staging/<md>/job.json shows "notified-renewed": true. False on anything odd."""
+    def _job(self, md: str) -> tuple[dict[str, Any], float] | None:
+        """staging/<md>/job.json and its mtime; None when absent or odd in any way."""
         try:
             validate_md_name(md)
             with _Fds() as fds:
                 root = self._open_root(fds)
                 if root is None:
-                    return False
+                    return None
                 sfd = self._md_dir(fds, root, "staging", md)
                 if sfd is None:
-                    return False
+                    return None
                 rel = f"staging/{md}/job.json"
                 got = _read_file(sfd, "job.json", rel, MAX_JSON_BYTES)
                 if got is None:
-                    return False
-                job = _parse_json(got[0], rel, "job-json")
-                return job.get("notified-renewed") is True
+                    return None
+                return _parse_json(got[0], rel, "job-json"), got[1].st_mtime
         except Exception:  # noqa: BLE001 - documented: never raises
-            return False
+            return None
+
+    def job_notified(self, md: str) -> bool:
+        """staging/<md>/job.json shows "notified-renewed": true. False on anything odd."""
+        job = self._job(md)
+        return job is not None and job[0].get("notified-renewed") is True
+
+    def renewals_in_progress(self, recent_seconds: float = RENEWAL_ACTIVE_SECONDS) -> list[str]:
+        """MDs that mod_md is renewing right now: an unfinished job.json written recently.
+
+        mod_md renews MDs one after another and rewrites an MD's job.json at each step, so
+        this tells the scheduler that more `renewed` messages are likely on their way. Only
+        advisory (www-data can fake it): it can delay a restart up to the settle time, no more.
+        """
+        now = self.clock()
+        busy = []
+        for md in self.list_mds():
+            job = self._job(md)
+            if job is not None and job[0].get("finished") is not True and now - job[1] < recent_seconds:
+                busy.append(md)
+        return busy
 
     def active(self, md: str) -> CertSet | None:
         """The active set in domains/<md>/, None when absent or incomplete.

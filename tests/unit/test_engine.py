@@ -167,10 +167,34 @@ async def test_run_loop_restarts_early_when_mod_md_notified(tmp_path, store):
         await asyncio.sleep(0.6)
         assert apache.restarts == 0
         storefactory.write_job(store, MD, {"notified-renewed": True})
+        await asyncio.sleep(0.6)
+        assert apache.restarts == 0  # notified, but not yet quiet for QUIET_SECONDS
+        clock.t += 1.5
         for _ in range(40):
             if finished:
                 break
             await asyncio.sleep(0.05)
         assert apache.restarts == 1 and finished[0][0] is True
+
     finally:
         runner.cancel()
+
+
+async def test_window_waits_while_mod_md_renews_another_md(tmp_path, store):
+    storefactory.add_staged(store, MD, [MD], job={"notified-renewed": True})
+    other = "next.example.test"
+    storefactory.add_staged(store, other, [other], job={"finished": False})
+    clock = Clock()
+    apache = FakeApache(store)
+    engine, finished = make_engine(tmp_path, store, apache, clock, settle_seconds=3600)
+    engine.request(MD, caller_uid=33)
+    assert engine.planned_at_usec == int((clock.t + 3600) * 1_000_000)
+    clock.t += 5
+    assert engine.planned_at_usec == int((clock.t - 5 + 3600) * 1_000_000)  # still renewing next
+    storefactory.write_job(store, other, {"finished": True, "notified-renewed": True})
+    engine.request(other, caller_uid=33)
+    assert engine.planned_at_usec > int(clock.t * 1_000_000)  # both notified: quiet time starts
+    clock.t += 1.5
+    assert engine.planned_at_usec <= int(clock.t * 1_000_000)
+    await engine.restart_now()
+    assert apache.restarts == 1 and sorted(finished[0][2]) == [other, MD]
