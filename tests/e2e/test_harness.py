@@ -6,9 +6,8 @@ harness started is gone after it stopped, also after an exception or a KeyboardI
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import threading
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -207,15 +206,36 @@ def test_a_failed_start_stops_what_was_started() -> None:
     assert_all_gone(stack, pids)
 
 
-def test_ctrl_c_during_the_teardown_waits_for_its_end() -> None:
-    # Ignores SIGTERM, so stopping it takes its whole stop_timeout; Ctrl-C arrives meanwhile.
-    stubborn = ProcessSpec(
-        "stubborn", ["/bin/sh", "-c", "trap '' TERM; sleep 600"], stop_timeout=1.0, after_apache=True
-    )
-    with (
-        pytest.raises(KeyboardInterrupt),
-        running_stack(with_bus=False, with_polkit=False, processes=[stubborn]) as stack,
-    ):
-        pids = marked_pids(stack.run_id)
+_CTRL_C_SCRIPT = """
+import os, signal, sys, tempfile, threading
+from harness import ProcessSpec, running_stack
+ready = os.path.join(tempfile.mkdtemp(), "trap-set")
+# A loop, not one long sleep: the shell ignores SIGTERM and outlives each killed sleep. It is
+# ready only once the trap is set, or an early SIGTERM would end it at once.
+stubborn = ProcessSpec("stubborn",
+                       ["/bin/sh", "-c", f"trap '' TERM; touch {ready}; while :; do sleep 0.1; done"],
+                       stop_timeout=1.0, after_apache=True, ready=lambda s: os.path.exists(ready))
+try:
+    with running_stack(with_bus=False, with_polkit=False, processes=[stubborn]) as stack:
+        print(stack.run_id, stack.root, flush=True)
         threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
-    assert_all_gone(stack, pids)
+except KeyboardInterrupt:
+    print("interrupted", len(stack.leftovers), stack.root.exists(), flush=True)
+    sys.exit(130)
+print("not interrupted", flush=True)
+"""
+
+
+def test_ctrl_c_during_the_teardown_waits_for_its_end() -> None:
+    # In a process of its own: a Ctrl-C that escaped here would end the whole test session.
+    # The stubborn process ignores SIGTERM, so the teardown takes its stop_timeout; the
+    # Ctrl-C arrives meanwhile and must be held until the teardown is done.
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    result = subprocess.run([sys.executable, "-c", _CTRL_C_SCRIPT], capture_output=True, text=True,
+                            env=env, timeout=120, cwd=repo)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 130, result.stdout + result.stderr
+    run_id = lines[0].split()[0]
+    assert lines[-1] == "interrupted 0 False", result.stdout + result.stderr
+    assert marked_pids(run_id) == []
