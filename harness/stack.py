@@ -11,8 +11,9 @@ a KeyboardInterrupt stops exactly what was started; a SIGINT that arrives during
 held back until the teardown is over. Last, anything still carrying the run's marker in its
 environment is killed and listed in ``stack.leftovers`` (tests assert that stays empty).
 
-The broker is not part of this module: pass it as a ``ProcessSpec`` whose argv, environment and
-preparation are functions of the started ``Stack`` (bus address, Apache's commands, store dir).
+Other processes are passed as a ``ProcessSpec`` whose argv, environment and preparation are
+functions of the started ``Stack`` (bus address, Apache's commands, store dir). The broker is one:
+``with_broker=True`` has harness/broker.py build its spec and make the real hook MDMessageCmd.
 """
 
 from __future__ import annotations
@@ -90,6 +91,10 @@ class StackOptions:
     apache_extra_config: str = ""
     start_apache: bool = True
     processes: Sequence[ProcessSpec] = ()
+    # The real broker on the bus (started before Apache) and, unless message_cmd is given, the
+    # real hook as MDMessageCmd; see harness/broker.py. broker_options: a BrokerOptions.
+    with_broker: bool = False
+    broker_options: Any = None
     base_dir: Path | None = None  # where the run's directory is made (default: the system's temp dir)
     keep: bool = False  # keep the run's directory (logs, store) after the stack stopped
 
@@ -106,6 +111,7 @@ class Stack:
         self.bus: PrivateBus | None = None
         self.polkit: Polkitd | None = None
         self.apache: Apache | None = None
+        self.broker: Any = None  # a harness.broker.BrokerHarness with with_broker
         self.processes: dict[str, ManagedProcess] = {}
         self.specs: dict[str, ProcessSpec] = {}
         self.leftovers: list[int] = []
@@ -152,6 +158,12 @@ class Stack:
         for name, path in self.log_files().items():
             parts.append(f"----- {name}: {path} (last {lines} lines)\n{tail(path, lines)}")
         return "\n".join(parts)
+
+    def on_stop(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` when the stack stops (before what was started earlier is stopped)."""
+        if self._cleanup is None:
+            raise HarnessError("the stack is not running")
+        self._cleanup.callback(fn)
 
     # -- extra processes -----------------------------------------------------------------------
 
@@ -232,7 +244,17 @@ class Stack:
         elif o.with_polkit:
             raise HarnessError("polkitd needs the bus (with_bus=True)")
 
+        specs = list(o.processes)
+        if o.with_broker:
+            if self.bus is None or self.polkit is None:
+                raise HarnessError("the broker needs the bus and polkitd (with_bus, with_polkit)")
+            from .broker import BrokerHarness
+
+            self.broker = BrokerHarness(self, o.broker_options)
+            specs.insert(0, self.broker.spec())
         message_cmd = o.message_cmd(self) if callable(o.message_cmd) else o.message_cmd
+        if message_cmd is None and self.broker is not None:
+            message_cmd = self.broker.hook_argv()
         self.apache = Apache(
             ApacheSettings(
                 server_root=self.root / "apache",
@@ -251,14 +273,14 @@ class Stack:
         )
         self.apache.write_config()
 
-        for spec in o.processes:
+        for spec in specs:
             if not spec.after_apache:
                 self.add_process(spec)
         # Registered before the start: `apache2 -k start` may leave a server behind and still fail.
         cleanup.callback(self.apache.stop)
         if o.start_apache:
             self.apache.start()
-        for spec in o.processes:
+        for spec in specs:
             if spec.after_apache:
                 self.add_process(spec)
 

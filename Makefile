@@ -1,0 +1,10 @@
+# Both targets need root on Debian 12; each installs what it needs first (scripts/setup-env).
+.PHONY: demo test
+
+# The project working end to end: mod_md, pebble, the broker and the hook on loopback.
+demo:
+	./scripts/demo
+
+# Every test tier.
+test:
+	./scripts/test
