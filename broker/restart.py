@@ -181,8 +181,13 @@ def first_meaningful_line(output: str) -> str:
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     if not lines:
         return "(no output)"
-    useful = [line for line in lines if not _NOISE.match(line)]
-    line = next((x for x in useful if _TELLING.search(x)), None) or (useful or lines)[0]
+    useful = [line for line in lines if not _NOISE.match(line)] or lines
+    i = next((n for n, x in enumerate(useful) if _TELLING.search(x)), 0)
+    line = useful[i]
+    if line.endswith(":") and i + 1 < len(useful):
+        # Apache names the place on one line and the reason on the next
+        # ("AH00526: Syntax error on line 3 of x.conf:" / "Invalid command 'Bogus', ...").
+        line = f"{line} {useful[i + 1]}"
     return line if len(line) <= DETAIL_CAP else line[: DETAIL_CAP - 3] + "..."
 
 

@@ -266,7 +266,8 @@ async def test_config_test_failure_runs_nothing_else(tmp_path, pid_file):
     assert tested.exists()
     assert not restarted.exists()
     assert (outcome.issued, outcome.ok) == (False, False)
-    assert outcome.detail == "config test failed: AH00526: Syntax error on line 3 of /etc/apache2/sites-enabled/x.conf:"
+    assert outcome.detail == ("config test failed: AH00526: Syntax error on line 3 of "
+                              "/etc/apache2/sites-enabled/x.conf: Invalid command 'Bogus', perhaps misspelled")
     # The whole output is in the log, on one line per event.
     assert any("Invalid command 'Bogus'" in msg and "AH00526" in msg for _, msg in fake_log.lines)
     assert all("\n" not in msg for _, msg in fake_log.lines)
