@@ -369,6 +369,14 @@ class Store:
         except OSError as e:
             raise StagingInvalid("unreadable", f"cannot open the MD store: {e.strerror}") from None
 
+    def _open_staging(self, fds: _Fds, md: str) -> tuple[int, int] | None:
+        """(fd of the store's root, fd of staging/<md>), None when either is absent."""
+        root = self._open_root(fds)
+        if root is None:
+            return None
+        sfd = self._md_dir(fds, root, "staging", md)
+        return None if sfd is None else (root, sfd)
+
     def _md_dir(self, fds: _Fds, root: int, group: str, md: str) -> int | None:
         gfd = _open_dir(fds, root, group, group)
         if gfd is None:
@@ -420,12 +428,10 @@ class Store:
         validate_md_name(md)
         nothing = NothingStaged(f"no certificate set is staged for {md}")
         with _Fds() as fds:
-            root = self._open_root(fds)
-            if root is None:
+            opened = self._open_staging(fds, md)
+            if opened is None:
                 raise nothing
-            sfd = self._md_dir(fds, root, "staging", md)
-            if sfd is None:
-                raise nothing
+            root, sfd = opened
             domains_fd = self._md_dir(fds, root, "domains", md)
             domains_mdj = self._md_json(domains_fd, "domains", md)
             # mod_md activates nothing without staging/<md>/md.json. It is untrusted: its names
@@ -537,12 +543,10 @@ class Store:
         """
         validate_md_name(md)
         with _Fds() as fds:
-            root = self._open_root(fds)
-            if root is None:
+            opened = self._open_staging(fds, md)
+            if opened is None:
                 return None
-            sfd = self._md_dir(fds, root, "staging", md)
-            if sfd is None:
-                return None
+            root, sfd = opened
             mdj = self._md_json(self._md_dir(fds, root, "domains", md), "domains", md)
             if mdj is None:
                 mdj = self._md_json(sfd, "staging", md)
@@ -561,14 +565,11 @@ class Store:
         try:
             validate_md_name(md)
             with _Fds() as fds:
-                root = self._open_root(fds)
-                if root is None:
-                    return None
-                sfd = self._md_dir(fds, root, "staging", md)
-                if sfd is None:
+                opened = self._open_staging(fds, md)
+                if opened is None:
                     return None
                 rel = f"staging/{md}/job.json"
-                got = _read_file(sfd, "job.json", rel, MAX_JSON_BYTES)
+                got = _read_file(opened[1], "job.json", rel, MAX_JSON_BYTES)
                 if got is None:
                     return None
                 return _parse_json(got[0], rel, "job-json"), got[1].st_mtime
