@@ -1,0 +1,330 @@
+"""The broker under dbus-next and under dbus-fast, side by side: latency, throughput, memory.
+
+    python bench/broker_throughput.py [--calls 300] [--rounds 5] [--callers 50] [--load-calls 1000]
+
+Starts two identical stacks, one per D-Bus library of the broker (APACHE_RESTART_DBUS_LIB):
+each is a private bus (dbus-daemon), python-dbusmock's polkitd (granting the action) and
+the real broker with the fake apachectl of the test tier and a staged set whose restart
+never comes due (settle time of an hour, no rate limit). Then, in rounds that alternate
+which library goes first (so that drifts of a shared machine hit both alike), it measures
+from client connections of this process:
+
+    RequestGracefulRestart   sequential round trips (the broker asks the bus daemon for the
+                             caller's uid and polkit for the action, checks what is staged,
+                             saves its state): median and p95
+    Properties.Get           sequential round trips of Get(Version), answered by the D-Bus
+                             library alone (no polkit, no store): the library's own overhead
+    load                     --callers connections calling RequestGracefulRestart at once
+                             (--load-calls per round): calls/s, median over rounds; the same
+                             for Properties.Get shows where the library itself tops out
+    VmRSS                    of the broker process: idle after start, after the load, and
+                             its peak (VmHWM)
+
+and prints one table with both libraries and the ratio dbus_next / dbus_fast per figure,
+plus "request / Properties.Get" per library: what authorization and the staging checks cost
+relative to a bare call. The polkit mock (python-dbusmock, single-threaded) and the client
+are the same for both libraries, so their share narrows the ratios of the request rows.
+The client uses the library broker.dbuslib picks in this process (APACHE_RESTART_DBUS_LIB
+in the environment sets it). Needs dbus-daemon, python-dbusmock and both libraries; run it
+as root like the test suite (the broker reads the store as root would).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from broker import dbuslib, names  # noqa: E402
+from broker.dbuslib import MessageType  # noqa: E402
+from tests import busutil, storefactory  # noqa: E402
+
+MD = "www.example.test"
+LIBS = ("dbus_next", "dbus_fast")
+PROPS = "org.freedesktop.DBus.Properties"
+
+
+class Stack:
+    """dbus-daemon + polkitd mock + the broker under one D-Bus library, in a temporary folder."""
+
+    def __init__(self, lib: str, callers: int) -> None:
+        self.lib = lib
+        self.n_callers = callers
+        self.dir = Path(tempfile.mkdtemp(prefix=f"arb-bench-{lib}-"))
+        self.procs: list[subprocess.Popen] = []
+        self.broker: subprocess.Popen | None = None
+        self.address = ""
+        self.client = None          # the connection for sequential calls
+        self.callers: list = []     # one connection per concurrent caller
+        self.log_file = self.dir / "broker.log"
+        self.control = self.dir / "control"
+
+    async def start(self) -> None:
+        conf = self.dir / "bus.conf"
+        template = (REPO / "tests" / "dbus" / "bus.conf.in").read_text()
+        conf.write_text(template.replace("@SOCKET@", str(self.dir / "bus.sock")))
+        daemon, self.address = busutil.start_dbus_daemon(conf)
+        self.procs.append(daemon)
+        self.client = await dbuslib.connect(self.address)
+
+        env = busutil.broker_env({"DBUS_SYSTEM_BUS_ADDRESS": self.address})
+        polkit = subprocess.Popen(  # noqa: ASYNC220 - starts it, waits for nothing
+            [sys.executable, "-m", "dbusmock", "--system", "--template", "polkitd"],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(polkit)
+        await busutil.wait_for_name(self.client, names.POLKIT_BUS_NAME, proc=polkit)
+        reply = await busutil.call(self.client, "SetAllowed", "as", [[names.POLKIT_ACTION]],
+                                   destination=names.POLKIT_BUS_NAME, path=names.POLKIT_PATH,
+                                   interface="org.freedesktop.DBus.Mock")
+        if busutil.error_of(reply):
+            raise RuntimeError(f"polkitd mock: SetAllowed failed: {busutil.error_of(reply)}")
+
+        store = storefactory.make_store(self.dir)
+        storefactory.add_active(store, MD, [MD])
+        storefactory.add_staged(store, MD, [MD])
+        self.control.mkdir()
+        pid_file = self.dir / "apache.pid"
+        pid_file.write_text(f"{os.getpid()}\n")  # "Apache" runs as long as the bench does
+        fake = [sys.executable, str(REPO / "tests" / "dbus" / "fake_apache.py")]
+        config = busutil.write_config(self.dir / "broker.toml", {
+            "md_store": str(store),
+            "restart_via": "command",
+            "configtest_command": fake + ["configtest", str(self.control), str(store)],
+            "graceful_command": fake + ["graceful", str(self.control), str(store)],
+            "pid_file": str(pid_file),
+            "settle_seconds": 3600,        # the restart never comes due while we measure
+            "min_interval_seconds": 0,
+            "verify_timeout_seconds": 1,
+            "probe": [],
+            "state_dir": str(self.dir / "state"),
+            "rate_burst": 1e9,             # no rate limit: every call is answered alike
+            "rate_per_second": 1e9,
+        })
+        with self.log_file.open("wb") as log:
+            self.broker = subprocess.Popen(  # noqa: ASYNC220 - starts it, waits for nothing
+                busutil.broker_command(config, self.address),
+                env=busutil.broker_env({"APACHE_RESTART_DBUS_LIB": self.lib}),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(self.broker)
+        await busutil.wait_for_name(self.client, names.BUS_NAME, proc=self.broker)
+        if f"({self.lib})" not in self.log_file.read_text(errors="replace"):
+            raise RuntimeError(f"the broker does not say it serves with {self.lib}:\n{self.log()}")
+        self.callers = list(await asyncio.gather(
+            *(dbuslib.connect(self.address) for _ in range(self.n_callers))))
+
+    def log(self) -> str:
+        try:
+            return self.log_file.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def restarts_run(self) -> list[str]:
+        """What the fake apachectl recorded: must stay empty (no restart during the bench)."""
+        try:
+            return (self.control / "calls.log").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+
+    def memory_kib(self) -> dict[str, int]:
+        out = {}
+        with open(f"/proc/{self.broker.pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = int(value.split()[0])
+        return out
+
+    def disconnect(self) -> None:
+        for bus in [self.client, *self.callers]:
+            if bus is not None:
+                try:
+                    bus.disconnect()
+                except Exception:  # noqa: BLE001 - going away anyway
+                    pass
+        self.client, self.callers = None, []
+
+    def stop(self) -> None:
+        self.disconnect()
+        for p in reversed(self.procs):
+            busutil.stop(p)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def request_msg() -> tuple[str, str, list, dict]:
+    return "RequestGracefulRestart", "s", [MD], {}
+
+
+def get_msg() -> tuple[str, str, list, dict]:
+    return "Get", "ss", [names.INTERFACE, "Version"], {"interface": PROPS}
+
+
+CALLS = {"request": request_msg(), "get": get_msg()}
+
+
+async def one(bus, kind: str) -> None:
+    member, signature, body, kw = CALLS[kind]
+    reply = await busutil.call(bus, member, signature, body, **kw)
+    if reply.message_type != MessageType.METHOD_RETURN:
+        raise RuntimeError(f"{member}: {busutil.error_of(reply)}")
+
+
+async def sequential(stack: Stack, kind: str, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        await one(stack.client, kind)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+async def load(stack: Stack, kind: str, total: int) -> float:
+    """`total` calls spread over every caller connection, each calling back to back; calls/s."""
+    left = total
+
+    async def caller(bus) -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            await one(bus, kind)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(caller(bus) for bus in stack.callers))
+    return total / (time.perf_counter() - start)
+
+
+def p95(values: list[float]) -> float:
+    s = sorted(values)
+    return s[max(0, math.ceil(0.95 * len(s)) - 1)]
+
+
+def _quiet_lost_connections(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """A Ctrl-C in a terminal stops the bus daemons too: their clients' EOF is no news."""
+    if isinstance(context.get("exception"), (EOFError, ConnectionError)):
+        return
+    loop.default_exception_handler(context)
+
+
+async def run(args: argparse.Namespace, stacks: dict[str, Stack]) -> dict[str, dict[str, float]]:
+    asyncio.get_running_loop().set_exception_handler(_quiet_lost_connections)
+    await asyncio.gather(*(s.start() for s in stacks.values()))
+    await asyncio.sleep(0.5)  # idle: whatever the start left behind has settled
+    rss_idle = {lib: s.memory_kib()["VmRSS"] for lib, s in stacks.items()}
+
+    for s in stacks.values():  # warm up: first-call paths, caches, connections
+        for kind in CALLS:
+            await sequential(s, kind, 20)
+            await load(s, kind, 2 * args.callers)
+
+    per_round = max(1, math.ceil(args.calls / args.rounds))
+    lat: dict[str, dict[str, list[float]]] = {lib: {k: [] for k in CALLS} for lib in stacks}
+    rate: dict[str, dict[str, list[float]]] = {lib: {k: [] for k in CALLS} for lib in stacks}
+    for r in range(args.rounds):
+        order = list(stacks) if r % 2 == 0 else list(reversed(stacks))
+        for kind in CALLS:
+            for lib in order:
+                lat[lib][kind] += await sequential(stacks[lib], kind, per_round)
+            for lib in reversed(order):
+                rate[lib][kind].append(await load(stacks[lib], kind, args.load_calls))
+
+    results = {}
+    for lib, s in stacks.items():
+        mem = s.memory_kib()
+        results[lib] = {
+            "req_med": statistics.median(lat[lib]["request"]) * 1000,
+            "req_p95": p95(lat[lib]["request"]) * 1000,
+            "get_med": statistics.median(lat[lib]["get"]) * 1000,
+            "get_p95": p95(lat[lib]["get"]) * 1000,
+            "req_rate": statistics.median(rate[lib]["request"]),
+            "get_rate": statistics.median(rate[lib]["get"]),
+            "rss_idle": rss_idle[lib] / 1024,
+            "rss_load": mem["VmRSS"] / 1024,
+            "rss_peak": mem["VmHWM"] / 1024,
+            "n_seq": len(lat[lib]["request"]),
+        }
+        if s.restarts_run():
+            raise RuntimeError(f"{lib}: a restart ran during the bench: {s.restarts_run()}")
+        if s.broker.poll() is not None:
+            raise RuntimeError(f"{lib}: the broker exited ({s.broker.returncode}):\n{s.log()}")
+    for s in stacks.values():
+        s.disconnect()
+    return results
+
+
+def report(args: argparse.Namespace, res: dict[str, dict[str, float]]) -> None:
+    a, b = LIBS
+    n = res[a]["n_seq"]
+    print(f"apache-restart-broker under each D-Bus library: {args.rounds} interleaved rounds, "
+          f"{n} sequential calls per figure, {args.callers} callers x {args.load_calls} calls per "
+          f"round under load; client {dbuslib.LIB_NAME}, Python {sys.version.split()[0]}")
+    print()
+    rows = [
+        ("RequestGracefulRestart median ms", "req_med", ".2f"),
+        ("RequestGracefulRestart p95 ms", "req_p95", ".2f"),
+        (f"RequestGracefulRestart calls/s, {args.callers} callers", "req_rate", ".0f"),
+        ("Properties.Get median ms", "get_med", ".2f"),
+        ("Properties.Get p95 ms", "get_p95", ".2f"),
+        (f"Properties.Get calls/s, {args.callers} callers", "get_rate", ".0f"),
+        ("broker VmRSS MiB, idle after start", "rss_idle", ".1f"),
+        ("broker VmRSS MiB, after the load", "rss_load", ".1f"),
+        ("broker VmHWM MiB (peak)", "rss_peak", ".1f"),
+    ]
+    width = 46
+    print(f"{'figure':<{width}} {a:>10} {b:>10}  {a}/{b}")
+    for label, key, fmt in rows:
+        print(f"{label:<{width}} {res[a][key]:>10{fmt}} {res[b][key]:>10{fmt}}  {res[a][key] / res[b][key]:.2f}")
+    ratio = {lib: res[lib]["req_med"] / res[lib]["get_med"] for lib in LIBS}
+    print(f"{'request / Properties.Get (median latency)':<{width}} {ratio[a]:>9.1f}x {ratio[b]:>9.1f}x")
+    ratio = {lib: res[lib]["get_rate"] / res[lib]["req_rate"] for lib in LIBS}
+    print(f"{'request / Properties.Get (time per call, load)':<{width}} {ratio[a]:>9.1f}x {ratio[b]:>9.1f}x")
+
+
+def _terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--calls", type=int, default=300,
+                   help="sequential calls of each kind per library, over all rounds (default 300)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    p.add_argument("--callers", type=int, default=50, help="concurrent caller connections (default 50)")
+    p.add_argument("--load-calls", type=int, default=1000,
+                   help="calls of each kind per library and round under load (default 1000)")
+    args = p.parse_args()
+    if args.calls < 1 or args.rounds < 1 or args.callers < 1 or args.load_calls < 1:
+        p.error("--calls, --rounds, --callers and --load-calls must be positive")
+    if shutil.which("dbus-daemon") is None:
+        raise SystemExit("dbus-daemon is needed (Debian package dbus-daemon)")
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
+    stacks = {lib: Stack(lib, args.callers) for lib in LIBS}
+    try:
+        results = asyncio.run(run(args, stacks))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        print(f"broker_throughput: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for s in stacks.values():
+            s.stop()
+    report(args, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
