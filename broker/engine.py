@@ -66,6 +66,7 @@ class Engine:
         self._wakeup = asyncio.Event()
         self._settled_since: float | None = None
         self._load_state()
+        self._announced = self.properties()
 
     # -- state on disk -------------------------------------------------------------------
 
@@ -145,9 +146,11 @@ class Engine:
             "LastResult": self.last_result,
         }
 
-    def _emit_changes(self, before: dict[str, Any]) -> None:
-        after = self.properties()
-        changed = {k: v for k, v in after.items() if before.get(k) != v}
+    def _announce(self) -> None:
+        """Tell listeners which properties changed since they last heard (PropertiesChanged)."""
+        now = self.properties()
+        changed = {k: v for k, v in now.items() if self._announced.get(k) != v}
+        self._announced = now
         if changed:
             self.on_properties_changed(changed)
 
@@ -166,7 +169,6 @@ class Engine:
         return self._schedule({md: staged}, override=(caller_uid == 0))
 
     def _schedule(self, sets: Mapping[str, CertSet], override: bool) -> int:
-        before = self.properties()
         now = self.clock()
         planned = now
         for md, staged in sets.items():
@@ -177,7 +179,7 @@ class Engine:
                      + (" (root retries a set that failed before)" if was_failed else ""))
         planned_at = self._planned_at(now)
         self._save()
-        self._emit_changes(before)
+        self._announce()
         self._wakeup.set()
         # "Due now" may come back as a moment just past; a reply never names the past.
         return _usec(max(now, planned_at if planned_at is not None else planned))
@@ -245,6 +247,7 @@ class Engine:
         """Carry out planned restarts, forever."""
         while True:
             planned = self._planned_at(self.clock())
+            self._announce()  # the window may have ended early: PlannedAt moved
             if planned is None:
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -262,25 +265,24 @@ class Engine:
             await self.restart_now()
 
     async def restart_now(self) -> None:
-        before = self.properties()
         batch = self.scheduler.take_batch()
         if not batch:
             return
         self.restarting = True
         self._save(in_progress=batch)
         try:
-            await self._restart_batch(batch, before)
+            await self._restart_batch(batch)
         finally:
             self.restarting = False
             self._save()
 
-    async def _restart_batch(self, batch: Mapping[str, str], before: dict[str, Any]) -> None:
+    async def _restart_batch(self, batch: Mapping[str, str]) -> None:
         sets, already_active, dropped = self._recheck(batch)
         names = sorted(batch)
         if not sets:
             if already_active:
                 log.info(f"{', '.join(already_active)}: already active, no restart needed")
-            self._emit_changes(before)
+            self._announce()
             return
         outcome: RestartOutcome = await self.restarter.restart()
         now = self.clock()
@@ -305,7 +307,7 @@ class Engine:
         (log.notice if ok else log.err)(f"restart for {', '.join(names)}: {self.last_result}"
                                          + (f" ({detail})" if ok else ""))
         self._save()
-        self._emit_changes(before)
+        self._announce()
         self.on_restart_finished(ok, detail, names)
 
     def _recheck(self, batch: Mapping[str, str]) -> tuple[dict[str, CertSet], list[str], list[str]]:

@@ -186,12 +186,16 @@ async def test_window_ends_early_when_mod_md_notified(start_broker, client, allo
     rec = await busutil.SignalRecorder(client).start()
     await start_broker(settle_seconds=30)
     t0 = time.monotonic()
-    assert error_of(await call(client, "RequestGracefulRestart", "s", [MD])) is None
+    reply = await call(client, "RequestGracefulRestart", "s", [MD])
+    assert error_of(reply) is None
     await asyncio.sleep(0.5)
     assert rec.of("RestartFinished") == []
     storefactory.write_job(store, MD, {"finished": True, "notified-renewed": True})
     await rec.wait_for("RestartFinished", timeout=5)
     assert time.monotonic() - t0 < 5
+    # The earlier time was announced before the restart ran.
+    planned = [m.body[1]["PlannedAt"].value for m in rec.of("PropertiesChanged") if "PlannedAt" in m.body[1]]
+    assert any(0 < p < reply.body[0] for p in planned), planned
 
 
 async def test_request_too_soon_is_deferred_not_dropped(start_broker, client, allow, store):
