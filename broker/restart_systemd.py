@@ -23,6 +23,7 @@ class SystemdRestarter:
         self._finished_jobs: dict[str, str] = {}
         self._job_done = asyncio.Event()
         self._subscribed = False
+        self._systemd_owner: str | None = None
 
     async def _call(self, path: str, interface: str, member: str, signature: str = "",
                     body: list[Any] | None = None) -> Message:
@@ -34,8 +35,11 @@ class SystemdRestarter:
         return reply
 
     def _on_message(self, msg: Message) -> bool:
+        # Only systemd's own connection may end a job: any other sender of a look-alike
+        # signal is ignored (the bus policy lets only root send it to us, but be sure).
         if (msg.message_type == MessageType.SIGNAL and msg.member == "JobRemoved"
-                and msg.interface == names.SYSTEMD_MANAGER_INTERFACE and len(msg.body) == 4):
+                and msg.interface == names.SYSTEMD_MANAGER_INTERFACE and len(msg.body) == 4
+                and msg.sender is not None and msg.sender == self._systemd_owner):
             _id, job, _unit, result = msg.body
             self._finished_jobs[job] = result
             self._job_done.set()
@@ -76,6 +80,12 @@ class SystemdRestarter:
             return refused
         try:
             await self._subscribe()
+            owner = await asyncio.wait_for(self._bus.call(Message(
+                destination=names.DBUS_BUS_NAME, path=names.DBUS_PATH, interface=names.DBUS_INTERFACE,
+                member="GetNameOwner", signature="s", body=[names.SYSTEMD_BUS_NAME])), self._timeout)
+            if owner.message_type == MessageType.ERROR:
+                raise RuntimeError(f"{owner.error_name}: systemd is not on the bus")
+            self._systemd_owner = owner.body[0]
             reply = await self._call(names.SYSTEMD_PATH, names.SYSTEMD_MANAGER_INTERFACE, "ReloadUnit",
                                      "ss", [self._unit, "replace"])
         except Exception as e:

@@ -127,6 +127,13 @@ def test_xmllint_reports_malformed_xml(tmp_path: Path) -> None:
 ALLOWED_INTERFACES = {names.INTERFACE, INTROSPECTABLE, PROPERTIES, PEER}
 
 
+# systemd's "job finished" signal to the broker, from root only, and nothing else like it.
+SYSTEMD_JOB_SIGNAL = {
+    "send_destination": names.BUS_NAME, "send_type": "signal", "send_path": "/org/freedesktop/systemd1",
+    "send_interface": "org.freedesktop.systemd1.Manager", "send_member": "JobRemoved",
+}
+
+
 def dbus_policy_findings(xml_text: str, apache_user: str = APACHE_USER) -> list[str]:
     """Problems in a system bus policy file, named like rpmlint's DBusPolicyCheck.
 
@@ -165,6 +172,8 @@ def dbus_policy_findings(xml_text: str, apache_user: str = APACHE_USER) -> list[
                 if policy.attrib != {"user": "root"} or set(a) != {"own"} or a["own"] != names.BUS_NAME:
                     findings.append(f"own by anyone but root, or of another name: {shown}")
                 continue
+            if a == SYSTEMD_JOB_SIGNAL and policy.attrib == {"user": "root"}:
+                continue  # the one signal the broker must receive (restart_via = "systemd")
             if a.get("send_destination") != names.BUS_NAME:
                 findings.append(f"allow without our send_destination (a blanket rule): {shown}")
             if a.get("send_interface") not in ALLOWED_INTERFACES:
@@ -198,7 +207,7 @@ def allowed_calls(xml_text: str, user: str) -> set[tuple[str, str | None]]:
         if policy.attrib.get("user") != user:
             continue
         for allow in policy.iter("allow"):
-            if "send_destination" in allow.attrib:
+            if "send_destination" in allow.attrib and allow.attrib.get("send_type") != "signal":
                 calls.add((allow.attrib["send_interface"], allow.attrib.get("send_member")))
     return calls
 
@@ -226,6 +235,9 @@ def _send_rule(who: str, interface: str) -> str:
     (_send_rule('context="default"', names.INTERFACE), "default context"),
     (_send_rule('user="nobody"', names.INTERFACE), "someone else"),
     (_send_rule('user="root"', "org.freedesktop.systemd1.Manager"), "one of our interfaces"),
+    ('<policy user="www-data"><allow send_destination="org.masysma.ApacheRestart" send_type="signal" '
+     'send_path="/org/freedesktop/systemd1" send_interface="org.freedesktop.systemd1.Manager" '
+     'send_member="JobRemoved"/></policy>', "one of our interfaces"),
 ])
 def test_dbus_policy_rules_catch_a_bad_rule(bad: str, finding: str) -> None:
     text = BUS_POLICY.read_text().replace("</busconfig>", bad + "\n</busconfig>")
