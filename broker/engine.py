@@ -128,8 +128,13 @@ class Engine:
     def _settled(self, now: float) -> bool:
         """May the settle window end early? mod_md is done with every MD in it, and quiet."""
         pending = self.scheduler.pending
-        done = bool(pending) and all(self.store.job_notified(md) for md in pending) and not any(
-            md not in pending for md in self.store.renewals_in_progress())
+        try:
+            done = bool(pending) and all(self.store.job_notified(md) for md in pending) and not any(
+                md not in pending for md in self.store.renewals_in_progress())
+        except (BrokerError, OSError) as e:
+            # An unreadable store only costs the early end: the settle time still ends the window.
+            log.warning(f"cannot tell whether mod_md is done: {e}")
+            done = False
         if not done:
             self._settled_since = None
             return False
@@ -145,6 +150,11 @@ class Engine:
             "LastRestart": self.last_restart_usec,
             "LastResult": self.last_result,
         }
+
+    @property
+    def announced(self) -> dict[str, Any]:
+        """The property values as last announced: what a D-Bus Get answers, never raising."""
+        return dict(self._announced)
 
     def _announce(self) -> None:
         """Tell listeners which properties changed since they last heard (PropertiesChanged)."""

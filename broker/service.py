@@ -73,25 +73,27 @@ class ApacheRestartInterface(ServiceInterface):
     def CheckAll(self) -> "ast":  # type: ignore[name-defined]  # noqa: F821
         raise RuntimeError("dispatched by ApacheRestartService")
 
+    # Getters answer from what was last announced: they cannot fail (dbus-next would send
+    # a traceback for an exception here) and always agree with PropertiesChanged.
     @dbus_property(access=PropertyAccess.READ)
     def Version(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
-        return self._engine.properties()["Version"]
+        return self._engine.announced["Version"]
 
     @dbus_property(access=PropertyAccess.READ)
     def Pending(self) -> "b":  # type: ignore[name-defined]  # noqa: F821
-        return self._engine.pending
+        return self._engine.announced["Pending"]
 
     @dbus_property(access=PropertyAccess.READ)
     def PlannedAt(self) -> "t":  # type: ignore[name-defined]  # noqa: F821
-        return self._engine.planned_at_usec
+        return self._engine.announced["PlannedAt"]
 
     @dbus_property(access=PropertyAccess.READ)
     def LastRestart(self) -> "t":  # type: ignore[name-defined]  # noqa: F821
-        return self._engine.last_restart_usec
+        return self._engine.announced["LastRestart"]
 
     @dbus_property(access=PropertyAccess.READ)
     def LastResult(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
-        return self._engine.last_result
+        return self._engine.announced["LastResult"]
 
     @signal()
     def RestartFinished(self, ok: bool, detail: str, names: list[str]) -> "bsas":  # type: ignore[name-defined]  # noqa: F821

@@ -21,8 +21,11 @@ class ExplodingEngine:
         self.last_restart_usec = 0
         self.last_result = ""
 
+        self.announced = {"Version": "test", "Pending": False, "PlannedAt": 0, "LastRestart": 0,
+                          "LastResult": ""}
+
     def properties(self):
-        return {"Version": "test"}
+        return dict(self.announced)
 
     def request(self, md, uid):
         self.requests += 1
