@@ -25,10 +25,12 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 import pytest
 
 from broker import config as broker_config
+from harness.bus import BUS_CONFIG
 from broker import names
 
 REPO = Path(__file__).resolve().parent.parent
@@ -267,30 +269,8 @@ def bus_config(tmp: Path, policy_files: dict[str, str], socket: Path, extra: str
     for name, text in policy_files.items():
         (system_d / name).write_text(text)
     config = tmp / "bus.conf"
-    config.write_text(f"""<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-  </policy>
-  {extra}
-  <includedir>{system_d}</includedir>
-</busconfig>
-""")
+    text = BUS_CONFIG.format(socket=escape(str(socket)), includedir=escape(str(system_d)))
+    config.write_text(text.replace("  <includedir>", f"  {extra}\n  <includedir>", 1))
     return config
 
 
