@@ -12,10 +12,9 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Self
 from xml.sax.saxutils import escape
 
-from .procs import HarnessError, ManagedProcess, harness_env, make_dir, wait_for, write_file
+from .procs import HarnessError, ManagedProcess, ServiceProcess, harness_env, make_dir, write_file
 
 POLKIT_BUS_POLICY = Path("/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf")
 POLKITD = Path("/usr/lib/polkit-1/polkitd")
@@ -147,7 +146,7 @@ def _copy_into(directory: Path, files: Sequence[Path]) -> Path:
     return directory
 
 
-class PrivateBus:
+class PrivateBus(ServiceProcess):
     """A dbus-daemon on a socket in ``workdir`` with copies of ``policy_files`` in its includedir.
 
     The socket's folder is 0755 so that www-data (mod_md's hook) can connect.
@@ -194,31 +193,15 @@ class PrivateBus:
     def start(self, timeout: float = 5.0) -> str:
         """Start the daemon; returns its address (the first line it prints)."""
         self.write_config()
-        self.process = ManagedProcess(
+        process = ManagedProcess(
             "dbus-daemon",
             ["dbus-daemon", "--nofork", "--print-address=1", f"--config-file={self.config_path}"],
             harness_env(self.run_id),
             self.log_path,
             stdout_path=self.address_path,
         )
-        self.process.start()
-        try:
-            self.address = wait_for(self._read_address, timeout, "dbus-daemon to print its address")
-        except BaseException:
-            self.stop()
-            raise
+        self.address = self._run_until(process, self._read_address, timeout, "dbus-daemon to print its address")
         return self.address
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # Runs as root inside the new mount namespace: bind the copies over polkit's folders (the rules
@@ -232,7 +215,7 @@ exec {polkitd}
 """
 
 
-class Polkitd:
+class Polkitd(ServiceProcess):
     """The real polkitd on ``bus_address``, seeing only ``actions`` and ``rules`` (copied here)."""
 
     def __init__(
@@ -272,7 +255,7 @@ class Polkitd:
             admin_rules=POLKIT_ADMIN_RULES_DIR,
             polkitd=POLKITD,
         )
-        self.process = ManagedProcess(
+        process = ManagedProcess(
             "polkitd",
             [
                 "unshare",
@@ -291,20 +274,4 @@ class Polkitd:
             harness_env(self.run_id, {"DBUS_SYSTEM_BUS_ADDRESS": self.bus_address}),
             self.log_path,
         )
-        self.process.start()
-        try:
-            wait_for(self._owns_name, timeout, f"polkitd to own {POLKIT_NAME}", interval=0.05)
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self._run_until(process, self._owns_name, timeout, f"polkitd to own {POLKIT_NAME}", interval=0.05)

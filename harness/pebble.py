@@ -13,12 +13,11 @@ import shutil
 import ssl
 import urllib.request
 from pathlib import Path
-from typing import Self
 
 from cryptography import x509
 
 from .certs import TLSFiles, make_server_tls
-from .procs import HarnessError, ManagedProcess, free_ports, harness_env, make_dir, wait_for, write_file
+from .procs import HarnessError, ManagedProcess, ServiceProcess, free_ports, harness_env, make_dir, write_file
 
 # Challenges always validate (the test names do not resolve), no random sleeps, no rejected
 # nonces and no reused authorizations: every order goes through the whole flow, fast.
@@ -37,7 +36,7 @@ def pebble_binary() -> str:
     return found
 
 
-class Pebble:
+class Pebble(ServiceProcess):
     """One pebble instance in ``workdir``; use as a context manager or call start()/stop().
 
     ``validity_seconds`` sets pebble's ``certificateValidityPeriod`` (None: pebble's default).
@@ -115,30 +114,14 @@ class Pebble:
 
     def start(self, timeout: float = 10.0) -> None:
         self.write_config()
-        self.process = ManagedProcess(
+        process = ManagedProcess(
             "pebble",
             [pebble_binary(), "-config", str(self.config_path)],
             harness_env(self.run_id, PEBBLE_ENV),
             self.log_path,
             cwd=self.workdir,
         )
-        self.process.start()
-        try:
-            wait_for(self._directory_answers, timeout, f"pebble's directory at {self.directory_url}")
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self._run_until(process, self._directory_answers, timeout, f"pebble's directory at {self.directory_url}")
 
     def _management_pem(self, what: str) -> bytes:
         return self._get(f"https://localhost:{self.management_port}/{what}/0")

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, Self
 
 MARKER_ENV = "ARB_HARNESS_RUN"
 
@@ -245,3 +245,36 @@ class ManagedProcess:
         # Kill the group even when the leader exited: a child it left behind still belongs to it.
         kill_group(pgid)
         self.popen.wait()
+
+
+class ServiceProcess:
+    """A harness piece built around one ManagedProcess: its start-and-wait, stop and `with`.
+
+    A start that does not become ready stops what it started before the error goes on.
+    """
+
+    process: ManagedProcess | None = None
+
+    def start(self) -> object:
+        raise NotImplementedError
+
+    def _run_until(self, process: ManagedProcess, ready: Callable[[], T], timeout: float, what: str,
+                   interval: float = 0.02) -> T:
+        self.process = process
+        process.start()
+        try:
+            return wait_for(ready, timeout, what, interval=interval)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
