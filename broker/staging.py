@@ -80,9 +80,11 @@ MAX_CURVE_LEN = 64
 
 _LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _CURVE_RE = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_CURVE_LEN}}}")
+# A block counts only where its BEGIN line starts a line, as for OpenSSL (so mod_md).
 _PEM_CERT_RE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----\r?\n.*?-----END CERTIFICATE-----", re.DOTALL)
+    rb"^-----BEGIN CERTIFICATE-----\r?\n.*?-----END CERTIFICATE-----", re.DOTALL | re.MULTILINE)
 _PEM_BEGIN_CERT = b"-----BEGIN CERTIFICATE-----"
+_PEM_BEGIN = b"-----BEGIN "
 
 # job.json `last.problem` of a failed notification (MDNotifyCmd: AH10108, MDMessageCmd:
 # AH10109). mod_md counts those in `errors` too, but they say nothing about the staged set.
@@ -311,7 +313,10 @@ def _load_cert(data: bytes, st: os.stat_result, spec: _KeySpec, rel: str) -> _Lo
     if count > MAX_CHAIN_CERTS:
         raise StagingInvalid("chain-too-long", f"{rel} holds more than {MAX_CHAIN_CERTS} certificates")
     blocks = _PEM_CERT_RE.findall(data)
-    if not blocks or len(blocks) != count:
+    # mod_md reads the leaf with OpenSSL, which also takes "X509 CERTIFICATE" blocks and skips a
+    # BEGIN that does not start a line: any such block would make it activate another leaf than
+    # the one verified here. mod_md itself writes nothing but CERTIFICATE blocks.
+    if not blocks or len(blocks) != count or data.count(_PEM_BEGIN) != count:
         raise StagingInvalid("cert-parse", f"{rel} does not hold well-formed PEM certificates")
     try:
         certs = [x509.load_pem_x509_certificate(b) for b in blocks]
