@@ -149,10 +149,14 @@ class Scheduler:
         self.last_restart_at = _check_now(now)
 
     def record_outcome(self, batch: dict[str, str], activated: set[str]) -> None:
-        """After verification: remember the sets of `batch` that did not become active."""
+        """After verification: remember the sets of `batch` that did not become active.
+
+        An MD whose new set did activate keeps its failed entry: that entry names another
+        set, and www-data staging the failed one again must not buy it another restart.
+        """
         for md, fingerprint in batch.items():
-            self.failed.pop(md, None)  # re-inserted below at the end, so the oldest go first
             if md not in activated:
+                self.failed.pop(md, None)  # re-inserted at the end, so the oldest go first
                 self.failed[md] = fingerprint
         while len(self.failed) > MAX_FAILED:
             del self.failed[next(iter(self.failed))]

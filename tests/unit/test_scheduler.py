@@ -144,9 +144,12 @@ def test_record_outcome(s):
     s.failed = {"c": "old-c"}
     batch = {"a": "fa", "b": "fb", "c": "fc"}
     s.record_outcome(batch, activated={"a", "c"})
-    assert s.failed == {"b": "fb"}
-    s.record_outcome({"b": "fb"}, activated={"b"})
-    assert s.failed == {}
+    assert s.failed == {"c": "old-c", "b": "fb"}
+    # A later set of the same MD activating does not forgive the one that failed.
+    s.record_outcome({"b": "fb2"}, activated={"b"})
+    assert s.failed == {"c": "old-c", "b": "fb"}
+    with pytest.raises(errors.AlreadyFailed):
+        s.add("b", "fb", T0)
 
 
 def test_failed_is_bounded(s):
