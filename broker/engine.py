@@ -15,7 +15,7 @@ from typing import Any
 
 from . import __version__, log
 from .config import Config
-from .errors import AlreadyFailed, BrokerError, NothingStaged, RateLimited
+from .errors import BrokerError, NothingStaged, RateLimited
 from .ratelimit import RateLimiter
 from .restart import Restarter, RestartOutcome
 from .scheduler import Scheduler
@@ -338,8 +338,10 @@ class Engine:
             except BrokerError as e:
                 dropped.append(f"{md}: {e.message}")
                 continue
+            # Staging changed since the request to a set that already failed once (a request
+            # for exactly that set was root's override, and is kept).
             if self.scheduler.failed.get(md) == staged.fingerprint and staged.fingerprint != fingerprint:
-                dropped.append(f"{md}: {AlreadyFailed.__name__}")
+                dropped.append(f"{md}: the set staged now already failed to activate once")
                 continue
             sets[md] = staged
         for item in dropped:
