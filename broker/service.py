@@ -32,9 +32,6 @@ from .dbuslib import (
 from .engine import Engine
 from .errors import BrokerError, InvalidArguments, RateLimited
 
-# Pending replies this service keeps per bus connection stay well below dbus-daemon's
-# limits; see Config.max_in_flight.
-
 
 class ApacheRestartInterface(ServiceInterface):
     """org.masysma.ApacheRestart, as introspection, properties and signals show it."""
@@ -128,8 +125,10 @@ class ApacheRestartService:
 
     def handle_message(self, msg: Message) -> bool:
         """Claim calls to our interface's methods; everything else goes to the library."""
+        # A call may leave out the interface (the specification allows it): claim those too,
+        # or the library would dispatch them to the stubs, past authorization.
         if (msg.message_type != MessageType.METHOD_CALL or msg.path != names.OBJECT_PATH
-                or msg.interface != names.INTERFACE or msg.member not in self._methods):
+                or msg.interface not in (None, "", names.INTERFACE) or msg.member not in self._methods):
             return False
         signature, handler = self._methods[msg.member]
         if msg.signature != signature:

@@ -125,3 +125,19 @@ async def test_no_reply_expected_gets_no_reply(bus_address, client):
         assert service.in_flight == 0
     finally:
         bus.disconnect()
+
+
+async def test_call_without_interface_is_authorized_like_any_other(bus_address, client):
+    engine = ExplodingEngine()
+    bus, _ = await _serve(bus_address, engine, AllowAll())
+    try:
+        from broker.dbuslib import Message
+        reply = await client.call(Message(destination=names.BUS_NAME, path=names.OBJECT_PATH,
+                                          member="GetStatus"))
+        assert error_of(reply)[0] == names.ERROR_ACCESS_DENIED  # not the stub, not a traceback
+        reply = await client.call(Message(destination=names.BUS_NAME, path=names.OBJECT_PATH,
+                                          member="RequestGracefulRestart", signature="s",
+                                          body=["a.example.test"]))
+        assert error_of(reply)[0] == names.ERROR_INTERNAL and engine.requests == 1
+    finally:
+        bus.disconnect()
