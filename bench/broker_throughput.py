@@ -72,10 +72,7 @@ class Stack:
         self.control = self.dir / "control"
 
     async def start(self) -> None:
-        conf = self.dir / "bus.conf"
-        template = (REPO / "tests" / "dbus" / "bus.conf.in").read_text()
-        conf.write_text(template.replace("@SOCKET@", str(self.dir / "bus.sock")))
-        daemon, self.address = busutil.start_dbus_daemon(conf)
+        daemon, self.address = busutil.start_test_bus(self.dir)
         self.procs.append(daemon)
         self.client = await dbuslib.connect(self.address)
 

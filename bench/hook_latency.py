@@ -47,10 +47,7 @@ class Stack:
         self.address = ""
 
     async def start(self) -> None:
-        conf = self.dir / "bus.conf"
-        template = (REPO / "tests" / "dbus" / "bus.conf.in").read_text()
-        conf.write_text(template.replace("@SOCKET@", str(self.dir / "bus.sock")))
-        daemon, self.address = busutil.start_dbus_daemon(conf)
+        daemon, self.address = busutil.start_test_bus(self.dir)
         self.procs.append(daemon)
         probe = await dbuslib.connect(self.address)
         try:

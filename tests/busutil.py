@@ -25,6 +25,15 @@ def start_dbus_daemon(config_file: Path) -> tuple[subprocess.Popen, str]:
     return proc, address
 
 
+def start_test_bus(config_dir: Path, socket_dir: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """The mock tier's permissive private bus (tests/dbus/bus.conf.in); its config goes to
+    `config_dir`, its socket to `socket_dir` (default: the same folder)."""
+    template = (REPO / "tests" / "dbus" / "bus.conf.in").read_text()
+    conf = config_dir / "bus.conf"
+    conf.write_text(template.replace("@SOCKET@", str((socket_dir or config_dir) / "bus.sock")))
+    return start_dbus_daemon(conf)
+
+
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 5) -> None:
     if proc.poll() is None:
         proc.send_signal(sig)

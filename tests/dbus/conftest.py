@@ -17,9 +17,7 @@ HERE = Path(__file__).resolve().parent
 @pytest.fixture
 def bus_daemon(tmp_path):
     """A private bus: (dbus-daemon process, address); DBUS_SYSTEM_BUS_ADDRESS points at it."""
-    conf = tmp_path / "bus.conf"
-    conf.write_text((HERE / "bus.conf.in").read_text().replace("@SOCKET@", str(tmp_path / "bus.sock")))
-    proc, address = busutil.start_dbus_daemon(conf)
+    proc, address = busutil.start_test_bus(tmp_path)
     old = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
     os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = address
     yield proc, address
@@ -192,9 +190,7 @@ def open_bus_address(tmp_path):
     import tempfile
     sock_dir = Path(tempfile.mkdtemp(prefix="arb-bus-"))
     sock_dir.chmod(0o755)
-    conf = tmp_path / "bus.conf"
-    conf.write_text((HERE / "bus.conf.in").read_text().replace("@SOCKET@", str(sock_dir / "bus.sock")))
-    proc, address = busutil.start_dbus_daemon(conf)
+    proc, address = busutil.start_test_bus(tmp_path, sock_dir)
     old = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
     os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = address
     yield address

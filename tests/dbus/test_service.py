@@ -15,6 +15,13 @@ REPO = busutil.REPO
 MD = "www.example.test"
 
 
+async def start_systemd_mock(bus_address, params: dict):
+    """tests/dbus/systemd_mock.py in its own process (stop it with busutil.stop(mock.proc))."""
+    from tests.dbus.conftest import start_mock
+    return await start_mock(bus_address, str(busutil.REPO / "tests" / "dbus" / "systemd_mock.py"),
+                            names.SYSTEMD_BUS_NAME, names.SYSTEMD_PATH, json.dumps(params))
+
+
 def _normalize_interface(xml_text: str) -> dict:
     root = ET.fromstring(xml_text)
     (iface,) = [i for i in root.iter("interface") if i.get("name") == names.INTERFACE]
@@ -291,11 +298,8 @@ async def test_get_status_reports_every_md(start_broker, client, allow, store):
 
 
 async def test_systemd_mode_reloads_the_unit(start_broker, client, allow, store, bus_address):
-    from tests.dbus.conftest import start_mock
     storefactory.add_staged(store, MD, [MD])
-    systemd = await start_mock(bus_address, str(busutil.REPO / "tests" / "dbus" / "systemd_mock.py"),
-                               names.SYSTEMD_BUS_NAME, names.SYSTEMD_PATH,
-                               json.dumps({"store": str(store), "unit": "apache2.service"}))
+    systemd = await start_systemd_mock(bus_address, {"store": str(store), "unit": "apache2.service"})
     try:
         rec = await busutil.SignalRecorder(client).start()
         broker = await start_broker(restart_via="systemd")
@@ -311,11 +315,8 @@ async def test_systemd_mode_reloads_the_unit(start_broker, client, allow, store,
 
 
 async def test_systemd_mode_reports_stopped_apache(start_broker, client, allow, store, bus_address):
-    from tests.dbus.conftest import start_mock
     storefactory.add_staged(store, MD, [MD])
-    systemd = await start_mock(bus_address, str(busutil.REPO / "tests" / "dbus" / "systemd_mock.py"),
-                               names.SYSTEMD_BUS_NAME, names.SYSTEMD_PATH,
-                               json.dumps({"store": str(store), "active_state": "inactive"}))
+    systemd = await start_systemd_mock(bus_address, {"store": str(store), "active_state": "inactive"})
     try:
         rec = await busutil.SignalRecorder(client).start()
         await start_broker(restart_via="systemd")
@@ -395,11 +396,8 @@ async def test_losing_the_bus_ends_the_process_nonzero(start_broker, client, bus
 
 
 async def test_systemd_mode_broken_config_reloads_nothing(start_broker, client, allow, store, bus_address):
-    from tests.dbus.conftest import start_mock
     storefactory.add_staged(store, MD, [MD])
-    systemd = await start_mock(bus_address, str(busutil.REPO / "tests" / "dbus" / "systemd_mock.py"),
-                               names.SYSTEMD_BUS_NAME, names.SYSTEMD_PATH,
-                               json.dumps({"store": str(store)}))
+    systemd = await start_systemd_mock(bus_address, {"store": str(store)})
     try:
         rec = await busutil.SignalRecorder(client).start()
         broker = await start_broker(restart_via="systemd", wait=False)
