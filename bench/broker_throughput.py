@@ -94,21 +94,13 @@ class Stack:
         self.control.mkdir()
         pid_file = self.dir / "apache.pid"
         pid_file.write_text(f"{os.getpid()}\n")  # "Apache" runs as long as the bench does
-        fake = [sys.executable, str(REPO / "tests" / "dbus" / "fake_apache.py")]
-        config = busutil.write_config(self.dir / "broker.toml", {
-            "md_store": str(store),
-            "restart_via": "command",
-            "configtest_command": fake + ["configtest", str(self.control), str(store)],
-            "graceful_command": fake + ["graceful", str(self.control), str(store)],
-            "pid_file": str(pid_file),
-            "settle_seconds": 3600,        # the restart never comes due while we measure
-            "min_interval_seconds": 0,
-            "verify_timeout_seconds": 1,
-            "probe": [],
-            "state_dir": str(self.dir / "state"),
-            "rate_burst": 1e9,             # no rate limit: every call is answered alike
-            "rate_per_second": 1e9,
-        })
+        config = busutil.write_config(self.dir / "broker.toml", busutil.fake_apache_config(
+            store, self.control, pid_file, self.dir / "state", {
+                "settle_seconds": 3600,    # the restart never comes due while we measure
+                "verify_timeout_seconds": 1,
+                "rate_burst": 1e9,         # no rate limit: every call is answered alike
+                "rate_per_second": 1e9,
+            }))
         with self.log_file.open("wb") as log:
             self.broker = subprocess.Popen(  # noqa: ASYNC220 - starts it, waits for nothing
                 busutil.broker_command(config, self.address),
@@ -116,6 +108,10 @@ class Stack:
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(self.broker)
         await busutil.wait_for_name(self.client, names.BUS_NAME, proc=self.broker)
+        # The broker logs its start line just after it owns the name: give it a moment.
+        deadline = time.monotonic() + 2
+        while f"({self.lib})" not in self.log_file.read_text(errors="replace") and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         if f"({self.lib})" not in self.log_file.read_text(errors="replace"):
             raise RuntimeError(f"the broker does not say it serves with {self.lib}:\n{self.log()}")
         self.callers = list(await asyncio.gather(

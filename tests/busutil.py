@@ -132,6 +132,25 @@ def broker_env(extra: dict | None = None) -> dict:
     return env
 
 
+def fake_apache_config(store: Path, control: Path, pid_file: Path, state_dir: Path,
+                       overrides: dict | None = None) -> dict:
+    """A broker config that restarts the stand-in apachectl (tests/dbus/fake_apache.py)
+    against `store`; `overrides` add or replace any key."""
+    fake = [sys.executable, str(REPO / "tests" / "dbus" / "fake_apache.py")]
+    return {
+        "md_store": str(store),
+        "restart_via": "command",
+        "configtest_command": fake + ["configtest", str(control), str(store)],
+        "graceful_command": fake + ["graceful", str(control), str(store)],
+        "pid_file": str(pid_file),
+        "min_interval_seconds": 0,
+        "verify_timeout_seconds": 2,
+        "probe": [],
+        "state_dir": str(state_dir),
+        **(overrides or {}),
+    }
+
+
 def toml_value(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"

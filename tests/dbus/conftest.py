@@ -134,21 +134,8 @@ async def start_broker(tmp_path, bus_address, client, store, request):
     pid_file.write_text(f"{os.getpid()}\n")  # "Apache" runs as long as the test does
 
     async def start(wait: bool = True, **overrides) -> Broker:
-        fake = [sys.executable, str(HERE / "fake_apache.py")]
-        cfg = {
-            "md_store": str(store),
-            "restart_via": "command",
-            "configtest_command": fake + ["configtest", str(control), str(store)],
-            "graceful_command": fake + ["graceful", str(control), str(store)],
-            "pid_file": str(pid_file),
-            "settle_seconds": 0.3,
-            "min_interval_seconds": 0,
-            "verify_timeout_seconds": 2,
-            "probe": [],
-            "state_dir": str(tmp_path / "state"),
-            "polkit_timeout_seconds": 2,
-        }
-        cfg.update(overrides)
+        cfg = busutil.fake_apache_config(store, control, pid_file, tmp_path / "state",
+                                         {"settle_seconds": 0.3, "polkit_timeout_seconds": 2, **overrides})
         n = len(started)
         config_file = busutil.write_config(tmp_path / f"broker{n}.toml", cfg)
         log_file = tmp_path / f"broker{n}.log"

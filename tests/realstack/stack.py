@@ -32,7 +32,6 @@ from harness.procs import BASE_ENV, ManagedProcess, harness_env, make_dir, tail,
 from tests import busutil, storefactory
 
 REPO = Path(__file__).resolve().parent.parent.parent
-FAKE_APACHE = REPO / "tests" / "dbus" / "fake_apache.py"
 SHIPPED_BUS_POLICY = REPO / "dbus" / f"{names.BUS_NAME}.conf"
 SHIPPED_ACTIONS = sorted((REPO / "polkit").glob("*.policy"))
 SHIPPED_RULES = sorted((REPO / "polkit").glob("*.rules"))
@@ -171,21 +170,10 @@ class RealStack:
         self._cleanup.callback(self._stop_polkitd)
         self.polkit.start()
 
-        python = [sys.executable, str(FAKE_APACHE)]
-        self.config = {
-            "md_store": str(self.store),
-            "restart_via": "command",
-            "configtest_command": [*python, "configtest", str(self.control), str(self.store)],
-            "graceful_command": [*python, "graceful", str(self.control), str(self.store)],
-            "pid_file": str(self.pid_file),
-            "settle_seconds": SETTLE_SECONDS,
-            "min_interval_seconds": 0,
-            "verify_timeout_seconds": 2,
-            "probe": [],
-            "state_dir": str(self.root / "state"),
-            "polkit_timeout_seconds": POLKIT_TIMEOUT_SECONDS,
-            **broker_config,
-        }
+        self.config = busutil.fake_apache_config(
+            self.store, self.control, self.pid_file, self.root / "state",
+            {"settle_seconds": SETTLE_SECONDS, "polkit_timeout_seconds": POLKIT_TIMEOUT_SECONDS,
+             **broker_config})
         config_file = busutil.write_config(self.root / "broker.toml", self.config)
         extra = {"PYTHONPATH": str(REPO)}
         if os.environ.get("APACHE_RESTART_DBUS_LIB"):
