@@ -587,19 +587,39 @@ class Store:
         return job is not None and job[0].get("notified-renewed") is True
 
     def renewals_in_progress(self, recent_seconds: float = RENEWAL_ACTIVE_SECONDS) -> list[str]:
-        """MDs that mod_md is renewing right now: an unfinished job.json written recently.
+        """MDs that mod_md is renewing right now: staging/<md>/ changed recently, and its
+        job.json (if any yet) does not say finished.
 
-        mod_md renews MDs one after another and rewrites an MD's job.json at each step, so
-        this tells the scheduler that more `renewed` messages are likely on their way. Only
-        advisory (www-data can fake it): it can delay a restart up to the settle time, no more.
+        mod_md renews MDs one after another. It creates the next MD's staging directory right
+        after the previous MD's hook returned, but may write its job.json only once that
+        renewal has finished (key generation alone can take seconds), so the directory is the
+        earlier sign. This tells the scheduler that more `renewed` messages are likely on their
+        way. Only advisory (www-data can fake it): it can delay a restart up to the settle
+        time, no more.
         """
         now = self.clock()
         busy = []
         for md in self.list_mds():
+            changed = self._staging_mtime(md)
+            if changed is None:
+                continue
             job = self._job(md)
-            if job is not None and job[0].get("finished") is not True and now - job[1] < recent_seconds:
+            if job is not None:
+                if job[0].get("finished") is True:
+                    continue
+                changed = max(changed, job[1])
+            if now - changed < recent_seconds:
                 busy.append(md)
         return busy
+
+    def _staging_mtime(self, md: str) -> float | None:
+        """mtime of the real directory staging/<md>, None when there is none (never raises)."""
+        try:
+            with _Fds() as fds:
+                opened = self._open_staging(fds, md)
+                return None if opened is None else os.fstat(opened[1]).st_mtime
+        except Exception:  # noqa: BLE001 - advisory: anything odd counts as "not renewing"
+            return None
 
     def active(self, md: str) -> CertSet | None:
         """The active set in domains/<md>/, None when absent or incomplete.

@@ -198,3 +198,22 @@ async def test_window_waits_while_mod_md_renews_another_md(tmp_path, store):
     assert engine.planned_at_usec <= int(clock.t * 1_000_000)
     await engine.restart_now()
     assert apache.restarts == 1 and sorted(finished[0][2]) == [other, MD]
+
+
+async def test_window_waits_for_the_next_md_before_its_job_json(tmp_path, store):
+    # mod_md creates the next MD's staging directory at once, but may write its job.json only
+    # when that renewal has finished.
+    storefactory.add_staged(store, MD, [MD], job={"notified-renewed": True})
+    nxt = store / "staging" / "next.example.test"
+    nxt.mkdir()
+    (nxt / "md.json").write_text("{}")
+    clock = Clock()
+    engine, _ = make_engine(tmp_path, store, FakeApache(store), clock, settle_seconds=3600)
+    engine.request(MD, caller_uid=33)
+    clock.t += 5
+    assert engine.planned_at_usec == int((clock.t - 5 + 3600) * 1_000_000)
+    (nxt / "md.json").unlink()
+    nxt.rmdir()  # that renewal gave up: nothing else is under way
+    assert engine.planned_at_usec > int(clock.t * 1_000_000)  # the quiet second starts now
+    clock.t += 1.5
+    assert engine.planned_at_usec <= int(clock.t * 1_000_000)
