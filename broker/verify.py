@@ -20,6 +20,7 @@ from typing import Protocol
 from cryptography import x509
 
 from . import log
+from .config import check_address
 from .errors import BrokerError
 from .staging import CertSet
 
@@ -36,12 +37,7 @@ class _Store(Protocol):
 
 def parse_address(address: str) -> tuple[str, int]:
     """"host:port" or "[v6]:port" -> (host, port); ValueError when it is neither."""
-    host, sep, port = address.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{address!r} is not host:port")
-    return host, int(port)
+    return check_address(address)
 
 
 def _client_context() -> ssl.SSLContext:
