@@ -118,6 +118,10 @@ class Config:
     trust_anchors: tuple[str, ...] = _key(
         "paths", ("/etc/ssl/certs/ca-certificates.crt",),
         "PEM files of the roots a staged chain must verify to (add a private ACME CA here)")
+    metrics_file: str = _key(
+        "optional-path", "",
+        "Prometheus text file written after each event and check "
+        '("" = off; node-exporter reads /var/lib/prometheus/node-exporter/*.prom)')
     # Beyond the contract's keys:
     command_timeout_seconds: float = _key(
         "number", 60.0, "a command running longer is killed (its whole process group)", 1, 3600)
