@@ -214,7 +214,8 @@ def _dbus_related(mods: set[str]) -> list[str]:
                   or m == "client.call")
 
 
-@pytest.mark.parametrize("reason", ["renewing", "challenge-setup:http-01:x", "installed", "unknown-thing"])
+@pytest.mark.parametrize("reason", ["renewing", "challenge-setup:http-01:x", "installed", "errored", "expiring",
+                                    "ocsp-errored", "unknown-thing"])
 async def test_other_reasons_import_no_dbus_library(silent_bus, reason):
     run = await run_hook("--bus-address", silent_bus.address, reason, MD, code=MODULES_WRAPPER)
     assert run.rc == 0
@@ -280,7 +281,8 @@ async def test_renewed_refusals_no_retry_can_cure_exit_0(start_broker, client, a
     run = await run_hook("--bus-address", bus_address, "renewed", name)
     assert run.rc == 0, run.stderr
     (line,) = run.lines
-    assert line.startswith(f"{LINE}renewed {name}: refused by the broker ({text}"), line
+    shown = name if name == MD else f"{name} (not a valid MD name)"
+    assert line.startswith(f"{LINE}renewed {shown}: refused by the broker ({text}"), line
     assert line.endswith("); not retried, see 'apache-restart status'"), line
     assert await get_property(client, "Pending") is False
 

@@ -1,0 +1,141 @@
+"""The admin's own command, run by the hook after its own work (`--then PROGRAM [ARGS...] --`).
+
+mod_md takes one MDMessageCmd, so an admin who wants mail on `errored` or a deploy step on
+`renewed` chains it behind the hook. It runs the way mod_md would have run it alone, with
+what mod_md can not give it:
+
+- argv only, no shell, no PATH search (PROGRAM is an absolute path); the environment and
+  working directory are the hook's (Apache's, `/`); stdin is /dev/null;
+- its stdout and stderr go through a pipe that the hook copies, line by line, to its own
+  stderr (mod_md's log). The program never holds mod_md's stderr: whatever it leaves running
+  writes into a pipe that closes when the hook exits, and mod_md reads its stderr to EOF;
+- its own session and process group; when it is not done after the timeout, the whole group
+  gets SIGTERM, then SIGKILL a second later.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+KILL_GRACE = 1.0        # SIGTERM to SIGKILL
+EOF_GRACE = 0.5         # after it exited: how long output from what it left running is still copied
+MAX_OUTPUT = 64 * 1024  # bytes copied to mod_md's log; the rest is read and dropped
+MAX_LINE = 1000
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ok: bool
+    exit_code: int      # the program's exit status; 1 when it had none (not started, signal, timeout)
+    detail: str         # for the hook's line: "exited 0", "killed by SIGKILL", ...
+
+
+def run(argv: list[str], timeout: float, relay: Callable[[str], None]) -> Outcome:
+    """Run argv to its end or to `timeout` seconds; each line of its output goes to `relay`."""
+    read_fd, write_fd = os.pipe()
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
+                                start_new_session=True, close_fds=True)
+    except OSError as e:
+        os.close(read_fd)
+        return Outcome(False, 1, f"could not be started ({e.strerror or e})")
+    finally:
+        os.close(write_fd)
+    copier = _Copier(read_fd, relay)
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                _kill_group(proc)
+                copier.pump(EOF_GRACE)
+                return Outcome(False, 1, f"no result within {timeout:g} s: killed (its whole process group)")
+            copier.pump(min(left, 0.2))
+        copier.pump(EOF_GRACE)
+    finally:
+        copier.close()
+    code = proc.returncode
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return Outcome(False, 1, f"killed by {name}")
+    return Outcome(code == 0, code, f"exited {code}")
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    for sig, wait in ((signal.SIGTERM, KILL_GRACE), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class _Copier:
+    """Copies the program's output to the hook's stderr, one line at a time, bounded."""
+
+    def __init__(self, fd: int, relay: Callable[[str], None]):
+        self.fd = fd
+        self.relay = relay
+        self.pending = b""
+        self.copied = 0
+        self.eof = False
+        self.dropped = False
+
+    def pump(self, seconds: float) -> None:
+        """Copy what arrives within `seconds`, or until EOF."""
+        end = time.monotonic() + seconds
+        while not self.eof:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if not ready:
+                return
+            data = os.read(self.fd, 65536)
+            if not data:
+                self.eof = True
+                break
+            self._take(data)
+        self._flush()
+
+    def _take(self, data: bytes) -> None:
+        if self.copied >= MAX_OUTPUT:
+            if not self.dropped:
+                self.dropped = True
+                self.relay(f"(more than {MAX_OUTPUT} bytes of output; the rest is dropped)")
+            return
+        data = data[: MAX_OUTPUT - self.copied]
+        self.copied += len(data)
+        self.pending += data
+        *lines, self.pending = self.pending.split(b"\n")
+        for line in lines:
+            self._line(line)
+        if len(self.pending) > MAX_LINE:
+            self._line(self.pending)
+            self.pending = b""
+
+    def _flush(self, partial: bool = False) -> None:
+        """Copy the unfinished last line once no more of it can come (or `partial`)."""
+        if self.pending and (partial or self.eof or self.copied >= MAX_OUTPUT):
+            self._line(self.pending)
+            self.pending = b""
+
+    def _line(self, raw: bytes) -> None:
+        self.relay(raw[:MAX_LINE].decode("utf-8", "replace").rstrip("\r"))
+
+    def close(self) -> None:
+        self._flush(partial=True)
+        os.close(self.fd)
