@@ -8,6 +8,11 @@ limit), then times, interleaved run by run:
 
     apache-restart-hook renewed MD       vs  busctl call ... RequestGracefulRestart s MD
     apache-restart-hook renewing MD      vs  python3 -c pass   (the same interpreter)
+    apache-restart-hook errored MD       vs  python3 -c pass   (one syslog datagram)
+    ... --then /bin/true -- renewing MD  vs  python3 -c pass   (the chained command's cost)
+
+Every hook line goes to a datagram socket the bench binds and drains (the hook's syslog
+socket, APACHE_RESTART_HOOK_SYSLOG_SOCKET), so that each run really sends its datagram.
 
 and prints medians and ratios. Needs root (like the test suite) and the project installed in
 the interpreter's venv (for the `apache-restart-hook` script; else `-m client.hook` is used).
@@ -21,6 +26,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from broker import dbuslib, names  # noqa: E402
+from client.hooklog import SOCKET_ENV  # noqa: E402
 from tests import busutil, storefactory  # noqa: E402
 
 MD = "www.example.test"
@@ -99,10 +106,10 @@ def hook_argv() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "client.hook"]
 
 
-def timed(argv: list[str], cwd: str) -> float:
+def timed(argv: list[str], cwd: str, env: dict[str, str]) -> float:
     start = time.perf_counter()
-    proc = subprocess.run(argv, check=False, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE)
+    proc = subprocess.run(argv, check=False, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{argv} failed ({proc.returncode}): {proc.stderr.decode(errors='replace')}")
@@ -119,8 +126,14 @@ def main() -> int:
         raise SystemExit("busctl is needed (Debian package systemd)")
 
     stack = Stack()
+    syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         asyncio.run(stack.start())
+        syslog_path = stack.dir / "syslog"
+        syslog.bind(str(syslog_path))
+        syslog_path.chmod(0o777)
+        syslog.setblocking(False)
+        env = {**os.environ, SOCKET_ENV: str(syslog_path)}
         a = stack.address
         hook = hook_argv()
         cwd = "/" if hook[0].endswith("apache-restart-hook") else str(REPO)
@@ -129,6 +142,8 @@ def main() -> int:
             "busctl call": ["busctl", f"--address={a}", "call", names.BUS_NAME, names.OBJECT_PATH,
                             names.INTERFACE, "RequestGracefulRestart", "s", MD],
             "hook renewing": hook + ["--bus-address", a, "renewing", MD],
+            "hook errored": hook + ["--bus-address", a, "errored", MD],
+            "hook --then": hook + ["--bus-address", a, "--then", "/bin/true", "--", "renewing", MD],
             "python3 -c pass": [sys.executable, "-c", "pass"],
         }
         if args.user:
@@ -136,10 +151,12 @@ def main() -> int:
         times: dict[str, list[float]] = {k: [] for k in commands}
         for i in range(args.warmup + args.runs):
             for name, argv in commands.items():  # interleaved, so drifts hit every row alike
-                t = timed(argv, cwd)
+                t = timed(argv, cwd, env)
                 if i >= args.warmup:
                     times[name].append(t)
+                _drain(syslog)
     finally:
+        syslog.close()
         stack.stop()
 
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
@@ -152,6 +169,8 @@ def main() -> int:
         ("hook renewed  (RequestGracefulRestart)", "hook renewed", "busctl call"),
         ("busctl call   (RequestGracefulRestart)", "busctl call", None),
         ("hook renewing (no bus, no D-Bus import)", "hook renewing", "python3 -c pass"),
+        ("hook errored  (one syslog datagram)", "hook errored", "python3 -c pass"),
+        ("hook --then /bin/true -- renewing", "hook --then", "python3 -c pass"),
         ("python3 -c pass (same interpreter)", "python3 -c pass", None),
     ]
     print(f"{'command':<42} {'median ms':>10} {'p90 ms':>8}  ratio")
@@ -159,6 +178,14 @@ def main() -> int:
         ratio = f"{med[key] / med[base]:.1f}x {base}" if base else ""
         print(f"{label:<42} {med[key]:>10.1f} {p90[key]:>8.1f}  {ratio}")
     return 0
+
+
+def _drain(sock: socket.socket) -> None:
+    while True:
+        try:
+            sock.recv(65536)
+        except BlockingIOError:
+            return
 
 
 if __name__ == "__main__":

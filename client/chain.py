@@ -21,7 +21,6 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 KILL_GRACE = 1.0        # SIGTERM to SIGKILL
 EOF_GRACE = 0.5         # after it exited: how long output from what it left running is still copied
@@ -29,11 +28,14 @@ MAX_OUTPUT = 64 * 1024  # bytes copied to mod_md's log; the rest is read and dro
 MAX_LINE = 1000
 
 
-@dataclass(frozen=True)
 class Outcome:
-    ok: bool
-    exit_code: int      # the program's exit status; 1 when it had none (not started, signal, timeout)
-    detail: str         # for the hook's line: "exited 0", "killed by SIGKILL", ...
+    # A plain class: `dataclasses` costs more to import than the rest of the hook.
+    __slots__ = ("ok", "exit_code", "detail")
+
+    def __init__(self, ok: bool, exit_code: int, detail: str):
+        self.ok = ok
+        self.exit_code = exit_code      # its exit status; 1 when it had none (not started, signal, timeout)
+        self.detail = detail            # for the hook's line: "exited 0", "killed by SIGKILL", ...
 
 
 def run(argv: list[str], timeout: float, relay: Callable[[str], None]) -> Outcome:
@@ -56,7 +58,13 @@ def run(argv: list[str], timeout: float, relay: Callable[[str], None]) -> Outcom
                 _kill_group(proc)
                 copier.pump(EOF_GRACE)
                 return Outcome(False, 1, f"no result within {timeout:g} s: killed (its whole process group)")
-            copier.pump(min(left, 0.2))
+            if copier.eof:  # it closed its output and runs on: nothing to copy, only to wait
+                try:
+                    proc.wait(left)
+                except subprocess.TimeoutExpired:
+                    continue
+            else:
+                copier.pump(min(left, 0.2))
         copier.pump(EOF_GRACE)
     finally:
         copier.close()

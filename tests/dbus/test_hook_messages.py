@@ -413,3 +413,20 @@ def test_help_with_stdout_closed_still_exits_0():
     r = subprocess.run(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30,
                        check=False, preexec_fn=lambda: os.close(1))
     assert r.returncode == 0, r.stderr
+
+
+def test_then_with_stdin_and_stdout_closed_like_mod_md(programs):
+    """mod_md starts the hook with stdin and stdout closed: the pipe may get fds 0 and 1."""
+    prog = program(programs, "show", 'echo "out"\necho "err" >&2\necho "stdin: $(readlink /proc/self/fd/0)"\n')
+    argv, cwd = hook_command(["--then", prog, "--", "renewing", MD])
+
+    def close_in_and_out() -> None:
+        os.close(0)
+        os.close(1)
+
+    r = subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, timeout=30, check=False, preexec_fn=close_in_and_out, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines()[1:] == [f"{LINE}{prog}: out", f"{LINE}{prog}: err",
+                                         f"{LINE}{prog}: stdin: /dev/null",
+                                         f"{LINE}renewing {MD}: then {prog}: exited 0"]
