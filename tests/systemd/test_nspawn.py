@@ -30,7 +30,9 @@ from cryptography.hazmat.primitives import hashes
 
 from broker import names
 from harness import nspawn
-from harness.procs import wait_for
+from harness.certs import make_server_tls
+from harness.pebble import PEBBLE_ENV, pebble_binary
+from harness.procs import HarnessError, wait_for
 from tests import storefactory
 from tests.systemd.conftest import note, note_result
 
@@ -245,6 +247,129 @@ def test_broker_sandbox_exposure_online(system: System) -> None:
     note_result(f"systemd-analyze security {UNIT} (online, in the container)", r.stdout.rstrip())
     score = nspawn.exposure(r.stdout)
     assert score <= MAX_EXPOSURE, r.stdout
+
+
+# -- uninstalling: Apache must keep renewing ---------------------------------------------------
+
+RENEW_MD = "www.example.test"
+# The MD's certificate comes due this long after it is written: time enough to uninstall, and
+# then mod_md renews on its own, with no reload of Apache that the test could have caused.
+RENEW_IN = 45.0
+PEBBLE_DIR = "/etc/arb-pebble"
+HOOK = "/usr/local/bin/apache-restart-hook"
+VETO = "preventing renewal to proceed"
+HOOK_FAILED = "failed with exit code"     # AH10109: "MDMessageCmd ... failed with exit code 255."
+
+
+def _start_pebble(c: nspawn.Container) -> None:
+    """pebble on the container's loopback, at the CA URL the MDs name (storefactory.CA_URL)."""
+    tmp = Path(tempfile.mkdtemp(prefix="arb-pebble-"))
+    try:
+        tls = make_server_tls(tmp, "localhost")
+        inside = c.path(PEBBLE_DIR)
+        inside.mkdir(mode=0o755, exist_ok=True)
+        for src, name in ((tls.ca_cert, "ca.pem"), (tls.cert, "cert.pem"), (tls.key, "key.pem")):
+            shutil.copyfile(src, inside / name)
+            (inside / name).chmod(0o644)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copy2(pebble_binary(), c.path("/usr/local/bin/pebble"))
+    hosts = c.path("/etc/hosts")
+    if not hosts.exists():  # minbase has none; mod_md and the probe reach pebble as "localhost"
+        hosts.write_text("127.0.0.1 localhost\n::1 localhost\n")
+    (inside / "config.json").write_text(json.dumps({"pebble": {
+        "listenAddress": "127.0.0.1:14000", "managementListenAddress": "127.0.0.1:15000",
+        "certificate": f"{PEBBLE_DIR}/cert.pem", "privateKey": f"{PEBBLE_DIR}/key.pem",
+        "httpPort": 80, "tlsPort": 443, "ocspResponderURL": "", "externalAccountBindingRequired": False}}))
+    c.run(["systemd-run", "--unit=arb-pebble", *[f"--setenv={k}={v}" for k, v in PEBBLE_ENV.items()],
+           "/usr/local/bin/pebble", "-config", f"{PEBBLE_DIR}/config.json"])
+    probe = ("import ssl, urllib.request; urllib.request.urlopen('https://localhost:14000/dir', timeout=2, "
+             f"context=ssl.create_default_context(cafile='{PEBBLE_DIR}/ca.pem')).read()")
+    wait_for(lambda: c.run(["/usr/bin/python3", "-c", probe], check=False).returncode == 0, 30,
+             "pebble's directory in the container", interval=0.2)
+
+
+def test_uninstall_leaves_apache_renewing(system: System) -> None:
+    """After ./scripts/uninstall mod_md still renews: no veto from a hook that is gone."""
+    c = system.c
+    _start_pebble(c)
+    # An MD whose certificate comes due RENEW_IN seconds after it is written; Apache (with the
+    # hook still configured) learns of it now, and is not reloaded by the test after this.
+    written = time.time()
+    storefactory.add_active(system.store, RENEW_MD, valid_until=written + 86400)
+    shutil.copytree(system.store / "domains" / RENEW_MD, c.path(f"{STORE}/domains/{RENEW_MD}"))
+    active_before = storefactory.read_active_fingerprint(c.path(STORE), RENEW_MD)
+    (c.path("/etc/apache2/sites-available") / "arb-renew.conf").write_text(f"""\
+MDCACertificateFile {PEBBLE_DIR}/ca.pem
+MDContactEmail hostmaster@example.test
+MDCheckInterval 1s
+MDRetryDelay 1s
+LogLevel warn md:info
+<MDomain {RENEW_MD}>
+    MDRenewWindow {int(86400 - RENEW_IN)}s
+</MDomain>
+<VirtualHost *:443>
+    ServerName {RENEW_MD}
+    SSLEngine on
+</VirtualHost>
+""")
+    c.sh("a2ensite -q arb-renew && apache2ctl configtest 2>&1 && systemctl reload apache2.service")
+    due = written + RENEW_IN
+    error_log = "/var/log/apache2/error.log"
+    vetoes_before = _count(c, error_log, VETO) + _count(c, error_log, HOOK_FAILED)
+
+    # Where Apache could not be reloaded without the hook, nothing is removed.
+    snippet = c.path("/etc/apache2/conf-enabled/apache-restart-broker.conf")
+    for name, text, says in (
+            ("arb-broken.conf", "ThisIsNoDirective\n", "Apache's config test fails without"),
+            ("arb-own-hook.conf", f"MDMessageCmd {HOOK} --then /bin/true --\n", f"names {HOOK} in MDMessageCmd")):
+        extra = c.path("/etc/apache2/conf-enabled") / name
+        extra.write_text(text)
+        try:
+            r = c.run(["/src/scripts/uninstall"], check=False, timeout=120)
+        finally:
+            extra.unlink()
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert says in r.stderr and "nothing was removed" in r.stderr, r.stderr
+        assert c.path(HOOK).is_symlink() and snippet.is_symlink()
+        assert "removed" not in r.stdout, r.stdout
+
+    t0 = time.monotonic()
+    r = c.run(["/src/scripts/uninstall"], check=False, timeout=120)
+    note("scripts/uninstall inside", time.monotonic() - t0)
+    print(r.stdout + r.stderr)
+    assert r.returncode == 0, r.stdout + r.stderr
+    uninstalled = time.time()
+    assert uninstalled < due - 5, "the uninstall took too long for the renewal below to prove anything"
+    assert not c.path(HOOK).exists() and not c.path(HOOK).is_symlink()
+
+    # mod_md comes to the MD when it is due, with no reload by the test in between, and renews it.
+    staged = c.path(f"{STORE}/staging/{RENEW_MD}/pubcert.pem")
+
+    def vetoes() -> list[str]:
+        lines = c.path(error_log).read_text(errors="replace").splitlines()
+        return [line for line in lines if VETO in line or HOOK_FAILED in line]
+
+    try:
+        wait_for(lambda: staged.exists() or len(vetoes()) > vetoes_before, RENEW_IN + 90,
+                 f"mod_md to stage a renewed certificate for {RENEW_MD}", interval=0.5)
+    except HarnessError:
+        pytest.fail("no renewal staged; Apache's error log ends:\n"
+                    + c.path(error_log).read_text(errors="replace")[-3000:])
+    assert vetoes()[vetoes_before:] == [], "mod_md's renewal was vetoed after the uninstall"
+    note("uninstall to renewal staged", time.time() - uninstalled)
+    assert staged.stat().st_mtime >= uninstalled
+    # How: the snippet disabled, Apache reloaded gracefully before the hook went.
+    assert "reloaded Apache, gracefully" in r.stdout, r.stdout
+    assert not c.path("/etc/apache2/conf-enabled/apache-restart-broker.conf").exists()
+    assert is_active(c, "apache2.service") == "active"
+
+    # The next reload (logrotate's at night, or anyone's) activates it: Apache renews as before.
+    c.run(["systemctl", "reload", "apache2.service"])
+    wait_for(lambda: not c.path(f"{STORE}/staging/{RENEW_MD}").exists(), 30,
+             "Apache's reload to activate the staged set", interval=0.2)
+    active_after = storefactory.read_active_fingerprint(c.path(STORE), RENEW_MD)
+    assert active_after is not None and active_after != active_before
 
 
 def test_a_boot_leaves_nothing_behind(rootfs_and_wheels: tuple[Path, Path]) -> None:
