@@ -8,7 +8,9 @@ with busctl. What must follow, for real: D-Bus activation of the broker's unit, 
 time, mod_md activating the staged set in Apache's graceful restart (same MainPID), the broker
 verifying it in the store and over TLS on 127.0.0.1:443 from inside its sandbox, and
 LastResult "ok". Another user is refused by the bus before anything is activated. The unit's
-sandbox is measured online with systemd-analyze security.
+sandbox is measured online with systemd-analyze security. Last, scripts/uninstall runs, and
+mod_md (with pebble in the container) still renews a certificate that comes due afterwards:
+no veto from a hook that is gone.
 
 Timings of every phase are printed at the end of the session.
 """
