@@ -251,6 +251,24 @@ def test_broker_sandbox_exposure_online(system: System) -> None:
     assert score <= MAX_EXPOSURE, r.stdout
 
 
+def test_hook_lines_reach_the_journal(system: System) -> None:
+    """journald parses the hook's datagrams: identifier, facility, priority, the escaped name."""
+    c = system.c
+    r = c.run(["/usr/local/bin/apache-restart-hook", "errored", "evil\nname"], user=APACHE_USER, check=False)
+    assert r.returncode == 0, r.stderr
+    text = r"errored evil\x0aname (not a valid MD name): mod_md reports a renewal error (see its log); nothing to do"
+    assert r.stderr == f"apache-restart-hook: {text}\n"
+
+    def entries() -> list[dict]:
+        out = c.run(["journalctl", "--no-pager", "-o", "json", "-t", "apache-restart-hook"]).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    (entry,) = wait_for(entries, 10, "the hook's line in the journal", interval=0.1)
+    assert entry["MESSAGE"] == text
+    assert (entry["PRIORITY"], entry["SYSLOG_FACILITY"]) == ("3", "3")   # err, daemon
+    assert entry["_UID"] == "33"
+
+
 # -- uninstalling: Apache must keep renewing ---------------------------------------------------
 
 RENEW_MD = "www.example.test"
