@@ -337,6 +337,23 @@ async def test_then_timeout_kills_the_whole_process_group(programs):
     wait_for(lambda: _gone(child), 5, "the program's background child to be killed", interval=0.05)
 
 
+async def test_then_timeout_kills_what_ignores_sigterm(programs):
+    """The program exits on SIGTERM, its child ignores it: SIGKILL still reaches the group."""
+    prog = program(programs, "stubborn", "(trap '' TERM; exec sleep 30) &\necho \"child $!\" >&2\nwait\n")
+    run = await run_hook("--then-timeout", "1", "--then", prog, "--", "renewing", MD)
+    (child,) = [int(line.rsplit(" ", 1)[1]) for line in run.lines if f"{prog}: child " in line]
+    try:
+        assert run.rc == 1
+        assert "no result within 1 s: killed (its whole process group)" in run.lines[-1]
+        assert run.eof_after_exit < 0.5
+        wait_for(lambda: _gone(child), 5, "the child that ignores SIGTERM to be killed", interval=0.05)
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 async def test_then_leftovers_never_hold_mod_mds_stderr(programs):
     prog = program(programs, "leave", "sleep 30 &\necho \"child $!\"\nexit 0\n")
     run = await run_hook("--then", prog, "--", "renewing", MD)
