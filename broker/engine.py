@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from . import __version__, log
+from .timefmt import local_iso
 from .config import Config
 from .errors import BrokerError, NothingStaged, RateLimited
 from .ratelimit import RateLimiter
@@ -60,6 +61,9 @@ class Engine:
         self.scheduler = Scheduler(cfg.settle_seconds, cfg.min_interval_seconds)
         self.last_restart_usec = 0
         self.last_result = ""
+        # When the attempt that produced last_result ran: a config test that failed issued no
+        # restart, so LastRestart still names an earlier one.
+        self.last_result_usec = 0
         self.restarting = False
         self.on_properties_changed: Callable[[dict[str, Any]], None] = lambda changed: None
         self.on_restart_finished: Callable[[bool, str, list[str]], None] = lambda ok, detail, mds: None
@@ -86,13 +90,17 @@ class Engine:
                 self.scheduler.restore(in_progress, self.clock())
             last_restart = data.get("last_restart_usec", 0)
             last_result = data.get("last_result", "")
-            if not isinstance(last_restart, int) or not isinstance(last_result, str):
-                raise ValueError("last_restart_usec/last_result have wrong types")
+            # Older state files lack it: the result then belongs to the last restart.
+            last_result_usec = data.get("last_result_usec", last_restart)
+            if not all(type(v) is int and v >= 0 for v in (last_restart, last_result_usec)) or \
+                    not isinstance(last_result, str):
+                raise ValueError("last_restart_usec/last_result/last_result_usec have wrong types")
             self.last_restart_usec, self.last_result = last_restart, last_result
+            self.last_result_usec = last_result_usec
         except (ValueError, TypeError, KeyError) as e:
             log.warning(f"state file content not usable, starting afresh: {e}")
             self.scheduler = Scheduler(self.cfg.settle_seconds, self.cfg.min_interval_seconds)
-            self.last_restart_usec, self.last_result = 0, ""
+            self.last_restart_usec, self.last_result, self.last_result_usec = 0, "", 0
         if self.scheduler.pending:
             log.notice(f"resuming pending restart for {', '.join(sorted(self.scheduler.pending))}")
 
@@ -103,6 +111,7 @@ class Engine:
             "in_progress": dict(in_progress or {}),
             "last_restart_usec": self.last_restart_usec,
             "last_result": self.last_result,
+            "last_result_usec": self.last_result_usec,
         }
         try:
             self.state.save(data)
@@ -237,12 +246,20 @@ class Engine:
                 entry["staged"] = {"valid": False, "problem": e.message}
             mds.append(entry)
         props = self.properties()
+        now = self.clock()
+        settled = self._settled(now)
+        plan = self.scheduler.plan(now, lambda md: settled)
+        retry = self.scheduler.retry
         return {
             "version": props["Version"],
             "pending": props["Pending"],
             "planned_at_usec": props["PlannedAt"],
+            "waiting_for": plan[1] if plan is not None and plan[0] > now else "",
+            "retry": None if retry is None else {
+                "attempts": retry.attempts, "at_usec": _usec(retry.at), "reason": retry.reason},
             "last_restart_usec": props["LastRestart"],
             "last_result": props["LastResult"],
+            "last_result_usec": self.last_result_usec,
             "restarting": self.restarting,
             "md_store": self.cfg.md_store,
             "mds": mds,
@@ -292,10 +309,15 @@ class Engine:
         if not sets:
             if already_active:
                 log.info(f"{', '.join(already_active)}: already active, no restart needed")
+            if not self.scheduler.pending:
+                self.scheduler.clear_retry()  # nothing left that a retry would be for
             self._announce()
             return
         outcome: RestartOutcome = await self.restarter.restart()
         now = self.clock()
+        self.last_result_usec = _usec(now)
+        if not outcome.issued:
+            self._hold({md: s.fingerprint for md, s in sets.items()}, now, outcome.detail)
         if outcome.issued:
             self.scheduler.record_restart(now)
             self.last_restart_usec = _usec(now)
@@ -319,6 +341,14 @@ class Engine:
         self._save()
         self._announce()
         self.on_restart_finished(ok, detail, names)
+
+    def _hold(self, batch: dict[str, str], now: float, why: str) -> None:
+        """No restart was issued (config test, Apache not running): retry the batch later."""
+        retry = self.scheduler.hold(batch, now, why)
+        first = sorted(batch)[0]
+        log.warning(f"restart for {', '.join(sorted(batch))} held back ({why}); retry {retry.attempts} "
+                    f"at the latest at {local_iso(retry.at)}; after fixing the cause, retry now with: "
+                    f"apache-restart request {first}")
 
     def _recheck(self, batch: Mapping[str, str]) -> tuple[dict[str, CertSet], list[str], list[str]]:
         """Look at each MD again just before restarting: staging may have changed meanwhile."""

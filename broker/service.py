@@ -31,6 +31,7 @@ from .dbuslib import (
 )
 from .engine import Engine
 from .errors import BrokerError, InvalidArguments, RateLimited
+from .timefmt import usec_iso
 
 
 class ApacheRestartInterface(ServiceInterface):
@@ -186,7 +187,8 @@ class ApacheRestartService:
         except BrokerError as e:
             log.info(f"request from uid {caller.uid} for {md!r} refused: {e.code}: {e.message}")
             raise
-        log.info(f"request from uid {caller.uid} for {md} accepted, restart planned at {planned} µs")
+        log.info(f"request from uid {caller.uid} for {md} accepted, restart planned "
+                 f"at the latest at {usec_iso(planned)}")
         return "t", [planned]
 
     async def _get_status(self, msg: Message) -> tuple[str, list[Any]]:
