@@ -390,6 +390,7 @@ def _set_summary(s: CertSet) -> dict[str, Any]:
     return {
         "since_usec": _usec(s.since),
         "fingerprint": s.fingerprint,
+        "names": list(s.names),
         "certs": [
             {"key_type": c.key_type, "serial": c.serial, "sha256": c.sha256, "issuer": c.issuer,
              "not_before_usec": _usec(c.not_before), "not_after_usec": _usec(c.not_after)}

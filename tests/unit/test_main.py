@@ -4,15 +4,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import broker
 from broker import config, main
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
+def _run(*args: str, module: str = "broker.main") -> subprocess.CompletedProcess:
     # A process of its own: argparse exits, and the broker must not need a bus for any of this.
-    return subprocess.run([sys.executable, "-m", "broker.main", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True,
                           text=True, timeout=60, stdin=subprocess.DEVNULL)
 
 
@@ -45,10 +47,13 @@ def test_check_config_of_a_missing_file(tmp_path):
     assert "no such file" in done.stderr
 
 
-def test_version_names_the_program():
-    done = _run("--version")
+@pytest.mark.parametrize("module,program", [("broker.main", "apache-restart-broker"),
+                                            ("client.hook", "apache-restart-hook"),
+                                            ("client.admin", "apache-restart")])
+def test_version_names_the_program(module, program):
+    done = _run("--version", module=module)
     assert done.returncode == 0
-    assert done.stdout == f"apache-restart-broker {broker.__version__}\n"
+    assert done.stdout == f"{program} {broker.__version__}\n"
 
 
 def test_settings_line_lists_what_matters():
