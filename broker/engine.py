@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from . import __version__, log
+from . import __version__, log, selftest
 from .timefmt import local_iso
 from .config import Config
 from .errors import BrokerError, NothingStaged, RateLimited
@@ -186,6 +186,38 @@ class Engine:
         validate_md_name(md)
         staged = self.store.check_staged(md)
         return self._schedule({md: staged}, override=(caller_uid == 0))
+
+    def dry_run(self, md: str, caller_uid: int) -> int:
+        """What request() would answer now, scheduling nothing: the planned time, or its error.
+
+        Limited like a request (it costs as much): `apache-restart test` runs it as the Apache
+        user to prove that the bus policy and polkit let the hook through.
+        """
+        if not self.limiter.allow(caller_uid, time.monotonic()):
+            raise RateLimited("too many requests; try again later")
+        validate_md_name(md)
+        staged = self.store.check_staged(md)
+        trial = Scheduler.from_dict(self.scheduler.to_dict(), self.cfg.settle_seconds,
+                                    self.cfg.min_interval_seconds)
+        now = self.clock()
+        planned = trial.add(md, staged.fingerprint, now, override=(caller_uid == 0))
+        return _usec(max(now, planned))
+
+    async def self_test(self, md: str) -> dict[str, Any]:
+        """The broker's checks for `apache-restart test` (see selftest.py); changes nothing."""
+        running = getattr(self.restarter, "apache_running", None)
+        apache_running = None
+        if self.cfg.restart_via == "command" and callable(running):
+            pid_file = self.cfg.pid_file
+
+            def apache_running() -> tuple[bool, str]:
+                if running():
+                    return True, f"a live process is named in {pid_file}"
+                return False, f"no live process is named in {pid_file}"
+        steps = await selftest.run(self.cfg.md_store, self.store, md, dict(self.scheduler.failed),
+                                   self.cfg.configtest_command, self.cfg.command_timeout_seconds,
+                                   self.cfg.probe, apache_running)
+        return selftest.as_json(steps)
 
     def _schedule(self, sets: Mapping[str, CertSet], override: bool) -> int:
         now = self.clock()

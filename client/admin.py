@@ -1,13 +1,15 @@
 """apache-restart: the admin command. It talks only to the broker (no config file, no store).
 
     apache-restart [--bus-address ADDRESS] [--timeout SECONDS] status [--json]
-    apache-restart [--bus-address ADDRESS] [--timeout SECONDS] request NAME
+    apache-restart [--bus-address ADDRESS] [--timeout SECONDS] request [--dry-run] NAME
     apache-restart [--bus-address ADDRESS] [--timeout SECONDS] check-all
+    apache-restart [--bus-address ADDRESS] [--timeout SECONDS] test [--apache-user USER] [NAME]
     apache-restart [--bus-address ADDRESS] watch
 
 Exit status:
     0  done
-    1  the broker refused (InvalidName, NothingStaged, StagingInvalid, AlreadyFailed, ...)
+    1  the broker refused (InvalidName, NothingStaged, StagingInvalid, AlreadyFailed, ...);
+       for test: a check failed
     2  usage error
     3  try again later: the broker is not reachable, did not answer, is busy or failed
     4  access denied (status and check-all need root; request needs the polkit action)
@@ -19,9 +21,12 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from broker import __version__, names
@@ -43,7 +48,8 @@ EXIT_DENIED = 4
 # Commands the broker answers only for root, and the method behind each.
 ROOT_ONLY = {"status": "GetStatus", "check-all": "CheckAll", "test": "SelfTest"}
 CANNOT_START_HINT = ("check the configuration with 'apache-restart-broker --check-config' and the "
-                     f"broker's log with 'journalctl -u {names.BROKER_UNIT}'")
+                     f"broker's log with 'journalctl -u {names.BROKER_UNIT}'; once fixed, start it with "
+                     f"'systemctl start {names.BROKER_UNIT}' (or your init system's equivalent)")
 
 
 def _fail(f: Failure, what: str) -> int:
@@ -54,6 +60,9 @@ def _fail(f: Failure, what: str) -> int:
         print(f"{PROG}: {what}: run as root (the broker answers {ROOT_ONLY[command]} only for root)",
               file=sys.stderr)
         return EXIT_DENIED
+    if isinstance(f, call.ActivationStalled):
+        print(f"{PROG}: {what}: the broker is not running: {f.describe()}", file=sys.stderr)
+        return EXIT_TEMPORARY
     if isinstance(f, call.CannotStart) or call.activation_failed(f.error_name):
         print(f"{PROG}: {what}: the broker cannot start: {f.describe()}; {CANNOT_START_HINT}",
               file=sys.stderr)
@@ -221,6 +230,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_request(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        async def work(conn: Connection) -> int:
+            (planned,) = await conn.call("DryRunRequest", "s", [args.name])
+            return int(planned)
+
+        try:
+            planned = call.run(work, args.bus_address, args.timeout, watch_unit=True)
+        except Failure as f:
+            return _fail(f, f"request --dry-run {args.name}")
+        print(f"{args.name}: dry run: the request would be taken, restart {format_planned(planned)}; "
+              "nothing scheduled")
+        return EXIT_OK
     try:
         planned = call.request_restart(args.name, args.bus_address, args.timeout, watch_unit=True)
     except Failure as f:
@@ -245,6 +266,118 @@ def cmd_check_all(args: argparse.Namespace) -> int:
     if planned:
         print(f"restart planned {format_planned(planned)}")
     return EXIT_OK
+
+
+# -- test ------------------------------------------------------------------------------------
+
+# Exit status of `test` when a check failed (the others as for every command).
+EXIT_CHECK_FAILED = 1
+POLICY_FIX = ("the bus policy (/usr/share/dbus-1/system.d/org.masysma.ApacheRestart.conf) and the polkit "
+              "rule (/usr/share/polkit-1/rules.d/49-apache-restart-broker.rules) must name {user}: "
+              "./scripts/install --apache-user {user} writes both")
+VENV_FIX = "the hook's interpreter and package must be readable by {user}: ./scripts/install makes them so"
+
+
+def _program(name: str) -> str:
+    """Where a program of ours is: in PATH (what MDMessageCmd names), else beside this one."""
+    found = shutil.which(name)
+    return found or str(Path(sys.executable).parent / name)
+
+
+def _as_user(user: str, argv: list[str], timeout: float) -> tuple[int, str]:
+    """Run argv as `user` via runuser, as mod_md runs the hook: (exit status, output)."""
+    # A plain environment, like Apache's, not the admin's shell's.
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+    if os.environ.get("APACHE_RESTART_DBUS_LIB"):  # the library switch, so tests try both
+        env["APACHE_RESTART_DBUS_LIB"] = os.environ["APACHE_RESTART_DBUS_LIB"]
+    try:
+        done = subprocess.run(["runuser", "-u", user, "--", *argv], cwd="/", stdin=subprocess.DEVNULL, env=env,
+                              capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError:
+        return 127, "runuser not found (Debian: util-linux)"
+    except subprocess.TimeoutExpired:
+        return 124, f"no answer within {timeout:g} s"
+    return done.returncode, one_line((done.stdout + " " + done.stderr).strip())
+
+
+def _hook_steps(user: str, hook: str, md: str, bus_address: str | None, timeout: float) -> list[dict]:
+    """The steps only the admin command can take: the hook's path as the Apache user."""
+    rc, out = _as_user(user, [hook, "--version"], timeout)
+    steps = [{"step": f"hook as {user}", "ok": rc == 0 and out.startswith("apache-restart-hook "),
+              "detail": f"{hook} runs ({out})" if rc == 0 else f"{hook} does not run as {user} (exit {rc}: {out})",
+              "fix": "" if rc == 0 else VENV_FIX.format(user=user)}]
+    # The admin program beside the hook (same interpreter) sends the hook's request as a dry run.
+    admin_program = str(Path(hook).resolve().parent / PROG)
+    argv = [admin_program, *(["--bus-address", bus_address] if bus_address else []),
+            "--timeout", f"{min(timeout, 10.0):g}", "request", "--dry-run", md]
+    rc, out = _as_user(user, argv, timeout + 5)
+    step = f"bus policy and polkit for {user}"
+    if rc == EXIT_OK:
+        steps.append({"step": step, "ok": True, "detail": f"the hook's request for {md} would be taken", "fix": ""})
+    elif rc == EXIT_REFUSED:
+        # Authorization comes first in the broker: a refusal of the set means it let the caller through.
+        steps.append({"step": step, "ok": True,
+                      "detail": f"let through (the broker would refuse {md} now: {out.split(': ', 2)[-1]})",
+                      "fix": ""})
+    elif rc == EXIT_DENIED:
+        steps.append({"step": step, "ok": False, "detail": f"refused: {out}", "fix": POLICY_FIX.format(user=user)})
+    elif rc == EXIT_TEMPORARY:
+        steps.append({"step": step, "ok": False, "detail": f"no answer: {out}",
+                      "fix": "see the broker's log; as root, 'apache-restart status' tells whether it runs"})
+    else:
+        steps.append({"step": step, "ok": False, "detail": f"{admin_program} failed as {user} (exit {rc}: {out})",
+                      "fix": VENV_FIX.format(user=user)})
+    return steps
+
+
+def render_steps(steps: list[dict]) -> str:
+    lines = []
+    for s in steps:
+        lines.append(f"{'ok  ' if s.get('ok') else 'FAIL'}  {s.get('step', '?')}: {one_line(str(s.get('detail', '')))}")
+        if not s.get("ok") and s.get("fix"):
+            lines.append(f"      fix: {one_line(str(s['fix']))}")
+    failed = sum(1 for s in steps if not s.get("ok"))
+    lines.append(f"{len(steps) - failed} of {len(steps)} checks passed" + ("" if not failed else
+                 f"; {failed} failed: fix them and run 'apache-restart test' again"))
+    return "\n".join(lines)
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    name = args.name or ""
+    print(f"apache-restart test{' ' + name if name else ''}: the path a renewal takes, restarting nothing",
+          flush=True)
+    if os.geteuid() != 0:
+        print(render_steps([{"step": "root", "ok": False, "detail": "not run as root",
+                             "fix": "run it as root: it runs the hook as the Apache user"}]))
+        return EXIT_DENIED
+
+    async def work(conn: Connection) -> tuple[dict, dict, list[str]]:
+        props = await conn.properties()
+        (report,) = await conn.call("SelfTest", "s", [name])
+        mds: list[str] = []
+        if not name:
+            (status,) = await conn.call("GetStatus")
+            mds = [m.get("name", "") for m in json.loads(status).get("mds") or []]
+        return props, json.loads(report), mds
+
+    try:
+        props, report, mds = call.run(work, args.bus_address, args.timeout, watch_unit=True)
+    except Failure as f:
+        return _fail(f, "test")
+    except ValueError as e:
+        print(f"{PROG}: test: the broker sent no valid JSON: {e}", file=sys.stderr)
+        return EXIT_TEMPORARY
+    steps = [{"step": "root", "ok": True, "detail": "running as root", "fix": ""},
+             {"step": "broker", "ok": True, "fix": "",
+              "detail": f"apache-restart-broker {props.get('Version', '?')} answers on "
+                        f"{call.bus_description(args.bus_address)}"}]
+    # Any valid name proves the bus policy and polkit: the broker authorizes before it looks.
+    probe_md = name or (mds[0] if mds else "self-test.invalid")
+    steps += _hook_steps(args.apache_user, args.hook or _program("apache-restart-hook"), probe_md,
+                         args.bus_address, args.timeout)
+    steps += [s for s in report.get("steps") or [] if isinstance(s, dict)]
+    print(render_steps(steps))
+    return EXIT_OK if all(s.get("ok") for s in steps) else EXIT_CHECK_FAILED
 
 
 # -- watch -----------------------------------------------------------------------------------
@@ -321,8 +454,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="the broker's GetStatus JSON, for scripts")
     s.set_defaults(func=cmd_status)
     r = sub.add_parser("request", help="ask for a graceful restart for NAME, as the hook does")
+    r.add_argument("--dry-run", action="store_true",
+                   help="only check that the request would be taken (authorization, staged set); "
+                        "schedule nothing")
     r.add_argument("name", metavar="NAME", help="the MD name (first name of its MDomain line)")
     r.set_defaults(func=cmd_request)
+    t = sub.add_parser("test", help="check the whole path a renewal takes, restarting nothing (root)")
+    t.add_argument("--apache-user", default="www-data",
+                   help="the user mod_md runs the hook as (default www-data)")
+    t.add_argument("--hook", metavar="PATH",
+                   help="the program MDMessageCmd names (default: apache-restart-hook in PATH)")
+    t.add_argument("name", metavar="NAME", nargs="?", help="the MD to check (default: every MD)")
+    t.set_defaults(func=cmd_test)
     c = sub.add_parser("check-all", help="schedule a restart for every valid staged set (root)")
     c.set_defaults(func=cmd_check_all)
     w = sub.add_parser("watch", help="print restarts as the broker announces them")

@@ -213,25 +213,43 @@ class CannotStart(Failure):
     """The broker's systemd unit failed to start while we waited for it to answer."""
 
 
+class ActivationStalled(Failure):
+    """The bus did not ask systemd to start the broker for our call (see unit_failure)."""
+
+
 # How often, while a call waits, systemd is asked whether the broker's unit failed. The first
 # look comes after one interval: a running broker answers well before.
 UNIT_POLL_SECONDS = 0.5
+# A unit still inactive, with no job queued, this long after our call asked the bus to start
+# it: the bus is waiting on an earlier activation attempt (dbus-daemon sends systemd one
+# request per pending activation, and waits for it up to its own 25 s timeout).
+STALE_ACTIVATION_SECONDS = 3.0
 
 
-async def unit_failure(conn: Connection, since_usec: int) -> str | None:
-    """Why the broker's unit cannot start, when it failed at or after `since_usec` (or is
-    waiting to be restarted after a failure); None otherwise, and where there is no systemd."""
+async def unit_failure(conn: Connection, since_usec: int, now_usec: int | None = None) -> Failure | None:
+    """Why the broker's unit is not coming up while a call waits for it (`since_usec`: when
+    the call started), or None: also when all looks normal and where there is no systemd."""
+    now_usec = int(time.time() * 1e6) if now_usec is None else now_usec
     systemd = {"destination": names.SYSTEMD_BUS_NAME, "timeout": 5.0}
     try:
-        (unit_path,) = await conn.call("GetUnit", "s", [names.BROKER_UNIT], path=names.SYSTEMD_PATH,
+        # LoadUnit, not GetUnit: systemd unloads an inactive unit (after reset-failed, say).
+        (unit_path,) = await conn.call("LoadUnit", "s", [names.BROKER_UNIT], path=names.SYSTEMD_PATH,
                                        interface=names.SYSTEMD_MANAGER_INTERFACE, **systemd)
         (unit,) = await conn.call("GetAll", "s", [names.SYSTEMD_UNIT_INTERFACE], path=unit_path,
                                   interface="org.freedesktop.DBus.Properties", **systemd)
-    except Failure:  # no systemd, or the unit is not loaded (never started): nothing to say
+    except Failure:  # no systemd, or no such unit: nothing to say
         return None
-    state = {k: v.value for k, v in unit.items() if k in ("ActiveState", "SubState", "StateChangeTimestamp")}
-    failed_now = state.get("ActiveState") == "failed" and int(state.get("StateChangeTimestamp", 0)) >= since_usec
-    if not failed_now and state.get("SubState") != "auto-restart":
+    state = {k: v.value for k, v in unit.items()
+             if k in ("ActiveState", "SubState", "StateChangeTimestamp", "Job")}
+    active, sub = state.get("ActiveState"), state.get("SubState")
+    changed = int(state.get("StateChangeTimestamp", 0))
+    job = state.get("Job") or (0, "/")
+    if active == "inactive" and not job[0] and changed < since_usec \
+            and now_usec - since_usec >= STALE_ACTIVATION_SECONDS * 1e6:
+        return ActivationStalled(UNREACHABLE, "", (
+            f"{names.BROKER_UNIT} is inactive and the bus has not started it (it may still wait for an "
+            f"earlier attempt, up to 25 s); start it with 'systemctl start {names.BROKER_UNIT}'"))
+    if not (active == "failed" and changed >= since_usec) and sub != "auto-restart":
         return None
     try:
         (service,) = await conn.call("GetAll", "s", ["org.freedesktop.systemd1.Service"], path=unit_path,
@@ -240,15 +258,15 @@ async def unit_failure(conn: Connection, since_usec: int) -> str | None:
         why = f" (result {detail.get('Result', '?')}, exit status {detail.get('ExecMainStatus', '?')})"
     except Failure:
         why = ""
-    return f"{names.BROKER_UNIT} is {state.get('ActiveState')}/{state.get('SubState')}{why}"
+    return CannotStart(UNREACHABLE, "", f"{names.BROKER_UNIT} is {active}/{sub}{why}")
 
 
 async def _watch_unit(conn: Connection, since_usec: int) -> None:
     while True:
         await asyncio.sleep(UNIT_POLL_SECONDS)
-        why = await unit_failure(conn, since_usec)
-        if why:
-            raise CannotStart(UNREACHABLE, "", why)
+        failure = await unit_failure(conn, since_usec)
+        if failure is not None:
+            raise failure
 
 
 def run(work: Callable[[Connection], Awaitable[T]], bus_address: str | None, timeout: float | None,

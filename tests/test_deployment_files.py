@@ -251,6 +251,7 @@ def test_bus_policy_gives_exactly_the_contracts_access() -> None:
     assert allowed_calls(text, "root") == {(i, None) for i in ALLOWED_INTERFACES}
     assert allowed_calls(text, APACHE_USER) == {
         (names.INTERFACE, "RequestGracefulRestart"),
+        (names.INTERFACE, "DryRunRequest"),
         (PROPERTIES, "Get"),
         (PROPERTIES, "GetAll"),
     }
@@ -414,6 +415,9 @@ def test_bus_enforces_the_policy(tmp_path: Path, shared_dir: Path) -> None:
             assert call(APACHE_USER, PEER, "Ping") == "denied"
             assert call(APACHE_USER, iface, "GetStatus") == "denied"
             assert call(APACHE_USER, iface, "CheckAll") == "denied"
+            assert call(APACHE_USER, iface, "SelfTest", "string:") == "denied"
+            assert call(APACHE_USER, iface, "DryRunRequest", "string:example.org") == "ok"
+            assert call("nobody", iface, "DryRunRequest", "string:example.org") == "denied"
             assert call(APACHE_USER, PROPERTIES, "Set", *prop, "variant:boolean:true") == "denied"
             assert call("nobody", iface, "RequestGracefulRestart", "string:example.org") == "denied"
             assert call("nobody", PROPERTIES, "GetAll", "string:" + iface) == "denied"
@@ -432,8 +436,8 @@ def test_bus_enforces_the_policy(tmp_path: Path, shared_dir: Path) -> None:
             broker.communicate()
     # The daemon logs each refusal; there must be nothing else (no complaint about the file).
     assert [c for c in bus.complaints() if "Rejected send message" not in c] == []
-    # Eight refusals: the calls asserted "denied" above.
-    assert sum("Rejected send message" in c for c in bus.complaints()) == 8
+    # Ten refusals: the calls asserted "denied" above.
+    assert sum("Rejected send message" in c for c in bus.complaints()) == 10
 
 
 # --------------------------------------------------------------------------------------

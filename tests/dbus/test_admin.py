@@ -174,7 +174,7 @@ async def test_request_then_status_shows_it_pending(start_broker, client, allow,
     assert rc == 0, err
     assert out.splitlines()[1].startswith(f"restart:      pending for {md}, at the latest at "), out
     assert out.splitlines()[1].endswith("settle window (settle_seconds; ends early once mod_md is done)"), out
-    assert f"  next:       restart at the latest at " in out
+    assert "  next:       restart at the latest at " in out
 
 
 @pytest.mark.parametrize("name,error", [

@@ -43,6 +43,10 @@ async def test_live_introspection_equals_interface_xml(start_broker, client):
     shipped = _normalize_interface((REPO / "dbus" / "org.masysma.ApacheRestart.xml").read_text())
     assert live == shipped
     assert "RequestGracefulRestart" in live["methods"]
+    # Only interfaces root may call (bus policy): not the ObjectManager the libraries add.
+    listed = {i.get("name") for i in ET.fromstring(reply.body[0]).iter("interface")}
+    assert listed == {names.INTERFACE, "org.freedesktop.DBus.Introspectable",
+                      "org.freedesktop.DBus.Properties", "org.freedesktop.DBus.Peer"}
 
 
 async def test_request_restarts_once_and_verifies(start_broker, client, allow, store):

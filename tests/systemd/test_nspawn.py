@@ -238,6 +238,57 @@ def test_www_data_request_activates_broker_and_reloads_apache(system: System) ->
     assert f"request from uid 33 for {MD} accepted" in broker_log, broker_log
 
 
+def test_a_config_typo_is_named_and_a_broker_that_cannot_start_is_reported_at_once(system: System) -> None:
+    c = system.c
+    config = c.path("/etc/apache-restart-broker.toml")
+    good = config.read_text()
+    c.run(["systemctl", "stop", UNIT])
+    try:
+        config.write_text(good + "setle_seconds = 10\n")
+        r = c.run(["/usr/local/sbin/apache-restart-broker", "--check-config"], check=False)
+        assert r.returncode == 2, r
+        assert "setle_seconds" in r.stderr and "did you mean settle_seconds?" in r.stderr, r.stderr
+        note_result("apache-restart-broker --check-config (a typo)", r.stderr.rstrip())
+
+        t0 = time.monotonic()
+        r = c.run(["/usr/local/bin/apache-restart", "status"], check=False)
+        took = time.monotonic() - t0
+        note("status while the broker cannot start", took)
+        note_result("apache-restart status (the broker cannot start)", r.stderr.rstrip())
+        assert r.returncode == 3, r
+        assert r.stderr.startswith("apache-restart: status: the broker cannot start: "), r.stderr
+        assert "apache-restart-broker --check-config" in r.stderr, r.stderr
+        # Not the bus daemon's activation timeout (25 s), nor our own 30 s.
+        assert took < 10, took
+        # A configuration error is not restarted (exit 2 is RestartPreventExitStatus=).
+        assert is_active(c, UNIT) == "failed"
+        assert unit_prop(c, UNIT, "NRestarts") == "0"
+        assert unit_prop(c, UNIT, "ExecMainStatus") == "2"
+        # Fixed, but the bus still waits on its first attempt (25 s) and does not ask systemd
+        # again: status says so, instead of hanging.
+        config.write_text(good)
+        c.run(["systemctl", "reset-failed", UNIT])
+        t0 = time.monotonic()
+        r = c.run(["/usr/local/bin/apache-restart", "status"], check=False)
+        assert r.returncode == 3, r
+        assert r.stderr.startswith("apache-restart: status: the broker is not running: "), r.stderr
+        assert "is inactive and the bus has not started it" in r.stderr, r.stderr
+        assert f"systemctl start {UNIT}" in r.stderr, r.stderr
+        assert time.monotonic() - t0 < 10
+        c.run(["systemctl", "start", UNIT])
+    finally:
+        config.write_text(good)
+        c.run(["systemctl", "reset-failed", UNIT], check=False)
+    r = c.run(["/usr/local/sbin/apache-restart-broker", "--check-config"])
+    assert ": ok: store /etc/apache2/md, restart via systemd (apache2.service), settle 1 s" in r.stdout, r.stdout
+    r = c.run(["/usr/local/bin/apache-restart", "status"])
+    note_result("apache-restart status (systemd tier)", r.stdout.rstrip())
+    assert f"\n{MD}\n  names:      {MD}\n" in r.stdout, r.stdout
+    r = c.run(["/usr/local/bin/apache-restart", "status"], user="nobody", check=False)
+    assert r.returncode == 4
+    assert r.stderr == "apache-restart: status: run as root (the broker answers GetStatus only for root)\n"
+
+
 def test_broker_sandbox_exposure_online(system: System) -> None:
     c = system.c
     r = c.run(["systemd-analyze", "security", "--no-pager", UNIT], check=False)
