@@ -158,7 +158,7 @@ def _next_step(md: dict, status: dict, now: float) -> str:
         planned = int(status.get("planned_at_usec") or 0)
         retry = status.get("retry")
         if status.get("waiting_for") == "retry" and retry:
-            return (f"held back ({one_line(str(retry.get('reason', '')))}); retried {format_planned(planned, now)}; "
+            return (f"held back (see restart: above); retried {format_planned(planned, now)}; "
                     f"retry now with: apache-restart request {name}")
         return f"restart {format_planned(planned, now)}, then the broker checks it is active and served"
     return (f"valid, but no restart pending (the hook's request did not arrive?): apache-restart request {name}"

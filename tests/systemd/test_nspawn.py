@@ -289,6 +289,25 @@ def test_a_config_typo_is_named_and_a_broker_that_cannot_start_is_reported_at_on
     assert r.stderr == "apache-restart: status: run as root (the broker answers GetStatus only for root)\n"
 
 
+def test_a_failed_install_leaves_no_half_made_venv(system: System) -> None:
+    c = system.c
+    c.run(["systemctl", "stop", UNIT])
+    c.run(["mv", "/opt/apache-restart-broker", "/opt/arb-installed-aside"])
+    try:
+        # pip finds nothing to install: the venv is made, then filling it fails.
+        r = c.run(["/usr/bin/python3", "/src/scripts/install", "--restart-via", "systemd",
+                   "--pip-arg=--no-index", "--pip-arg=--find-links=/nonexistent"], check=False, timeout=300)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "created /opt/apache-restart-broker/venv" in " ".join(r.stdout.split()), r.stdout
+        assert r.stderr.startswith("install: "), r.stderr
+        assert "nothing half-made is left" in r.stdout, r.stdout
+        assert not c.path("/opt/apache-restart-broker").exists()
+    finally:
+        c.run(["rm", "-rf", "/opt/apache-restart-broker"])
+        c.run(["mv", "/opt/arb-installed-aside", "/opt/apache-restart-broker"])
+    assert c.run(["/usr/local/bin/apache-restart", "--version"]).stdout.startswith("apache-restart ")
+
+
 def test_broker_sandbox_exposure_online(system: System) -> None:
     c = system.c
     r = c.run(["systemd-analyze", "security", "--no-pager", UNIT], check=False)

@@ -71,7 +71,7 @@ def test_a_held_back_restart_says_why_and_how_to_retry_now():
     assert lines[2] == f"last result:  failed: config test failed: AH00526: Syntax error ({local_iso(NOW - 200)})"
     assert lines[3] == f"last restart: {local_iso(NOW - 5 * DAY)} (issued)"
     assert "  staged:     valid, since " in out and "rsa serial 0c2d" in out
-    assert (f"  next:       held back (config test failed: AH00526: Syntax error); retried at the latest at "
+    assert (f"  next:       held back (see restart: above); retried at the latest at "
             f"{local_iso(NOW + 300)} (in 5 min); retry now with: apache-restart request example.org") in out
 
 
