@@ -42,7 +42,7 @@ if LIB_NAME == "dbus_fast":
         Variant,
     )
     from dbus_fast.aio import MessageBus
-    from dbus_fast.introspection import Node  # noqa: F401
+    from dbus_fast.introspection import Node
     from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 else:
     from dbus_next import (  # type: ignore[no-redef,assignment]  # noqa: F401

@@ -163,7 +163,7 @@ class Connection:
             bus = await dbuslib.connect(bus_address)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # noqa: BLE001 - every way connecting fails means "not reachable"
+        except Exception as e:
             raise Failure(UNREACHABLE, "", f"cannot connect to the bus at {bus_description(bus_address)}: "
                                            f"{_exception_text(e)}") from None
         return cls(bus, bus_address)
@@ -171,7 +171,7 @@ class Connection:
     def close(self) -> None:
         try:
             self.bus.disconnect()
-        except Exception:  # noqa: BLE001, S110 - already gone: nothing left to close
+        except Exception:
             pass
 
     async def call(self, member: str, signature: str = "", body: list[Any] | None = None, *,
@@ -184,7 +184,7 @@ class Connection:
             reply = await asyncio.wait_for(self.bus.call(msg), timeout)
         except TimeoutError:
             raise Failure(TIMEOUT, "", f"the broker did not answer within {timeout:g} s") from None
-        except Exception as e:  # noqa: BLE001 - the connection broke under us
+        except Exception as e:
             raise Failure(UNREACHABLE, "", f"lost the bus connection: {_exception_text(e)}") from None
         if reply.message_type == MessageType.ERROR:
             text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
@@ -217,6 +217,7 @@ class ActivationStalled(Failure):
     """The bus did not ask systemd to start the broker for our call (see unit_failure)."""
 
 
+PROPERTIES = "org.freedesktop.DBus.Properties"
 # How often, while a call waits, systemd is asked whether the broker's unit failed. The first
 # look comes after one interval: a running broker answers well before.
 UNIT_POLL_SECONDS = 0.5
@@ -230,13 +231,17 @@ async def unit_failure(conn: Connection, since_usec: int, now_usec: int | None =
     """Why the broker's unit is not coming up while a call waits for it (`since_usec`: when
     the call started), or None: also when all looks normal and where there is no systemd."""
     now_usec = int(time.time() * 1e6) if now_usec is None else now_usec
-    systemd = {"destination": names.SYSTEMD_BUS_NAME, "timeout": 5.0}
+
+    async def systemd(member: str, arg: str, path: str, interface: str) -> Any:
+        (value,) = await conn.call(member, "s", [arg], destination=names.SYSTEMD_BUS_NAME, path=path,
+                                   interface=interface, timeout=5.0)
+        return value
+
     try:
         # LoadUnit, not GetUnit: systemd unloads an inactive unit (after reset-failed, say).
-        (unit_path,) = await conn.call("LoadUnit", "s", [names.BROKER_UNIT], path=names.SYSTEMD_PATH,
-                                       interface=names.SYSTEMD_MANAGER_INTERFACE, **systemd)
-        (unit,) = await conn.call("GetAll", "s", [names.SYSTEMD_UNIT_INTERFACE], path=unit_path,
-                                  interface="org.freedesktop.DBus.Properties", **systemd)
+        unit_path = await systemd("LoadUnit", names.BROKER_UNIT, names.SYSTEMD_PATH,
+                                  names.SYSTEMD_MANAGER_INTERFACE)
+        unit = await systemd("GetAll", names.SYSTEMD_UNIT_INTERFACE, unit_path, PROPERTIES)
     except Failure:  # no systemd, or no such unit: nothing to say
         return None
     state = {k: v.value for k, v in unit.items()
@@ -252,8 +257,7 @@ async def unit_failure(conn: Connection, since_usec: int, now_usec: int | None =
     if not (active == "failed" and changed >= since_usec) and sub != "auto-restart":
         return None
     try:
-        (service,) = await conn.call("GetAll", "s", ["org.freedesktop.systemd1.Service"], path=unit_path,
-                                     interface="org.freedesktop.DBus.Properties", **systemd)
+        service = await systemd("GetAll", "org.freedesktop.systemd1.Service", unit_path, PROPERTIES)
         detail = {k: v.value for k, v in service.items() if k in ("Result", "ExecMainStatus")}
         why = f" (result {detail.get('Result', '?')}, exit status {detail.get('ExecMainStatus', '?')})"
     except Failure:
