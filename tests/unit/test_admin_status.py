@@ -138,3 +138,60 @@ def test_planned_times_say_at_the_latest():
     assert call.format_planned(usec(NOW + 30), now=NOW) == f"at the latest at {local_iso(NOW + 30)} (in 30 s)"
     assert call.format_usec(0) == "never"
     assert local_iso(NOW)[10] == "T" and local_iso(NOW)[-6] in "+-"
+
+
+class _Variant:
+    def __init__(self, value):
+        self.value = value
+
+
+class FakeSystemd:
+    """Answers the admin command's questions about the broker's unit, as systemd would."""
+
+    def __init__(self, unit: dict | None, service: dict | None = None):
+        self.unit, self.service = unit, service or {}
+
+    async def call(self, member, signature="", body=None, **kw):
+        if self.unit is None:
+            raise Failure(call.REFUSED, "org.freedesktop.systemd1.NoSuchUnit", "no such unit")
+        if member == "LoadUnit":
+            return ["/org/freedesktop/systemd1/unit/x"]
+        props = self.unit if body == ["org.freedesktop.systemd1.Unit"] else self.service
+        return [{k: _Variant(v) for k, v in props.items()}]
+
+
+SINCE = usec(NOW)
+
+
+def unit(active: str, sub: str, changed: float, job: int = 0) -> dict:
+    return {"ActiveState": active, "SubState": sub, "StateChangeTimestamp": usec(changed), "Job": [job, "/"]}
+
+
+async def test_unit_failure_reads_systemds_view():
+    failed = FakeSystemd(unit("failed", "failed", NOW + 0.2), {"Result": "exit-code", "ExecMainStatus": 2})
+    f = await call.unit_failure(failed, SINCE, SINCE + 500_000)
+    assert isinstance(f, call.CannotStart)
+    assert f.message == "apache-restart-broker.service is failed/failed (result exit-code, exit status 2)"
+    # Failed before this call: the bus is starting it again, which may work; keep waiting.
+    assert await call.unit_failure(FakeSystemd(unit("failed", "failed", NOW - 60)), SINCE, SINCE + 500_000) is None
+    # Restarting after a failure: it failed, whenever that was.
+    assert isinstance(await call.unit_failure(FakeSystemd(unit("activating", "auto-restart", NOW - 60)),
+                                              SINCE, SINCE), call.CannotStart)
+    # Starting, running, or no systemd at all: nothing to say.
+    for state in (unit("activating", "start", NOW), unit("active", "running", NOW)):
+        assert await call.unit_failure(FakeSystemd(state), SINCE, SINCE + 10_000_000) is None
+    assert await call.unit_failure(FakeSystemd(None), SINCE, SINCE + 10_000_000) is None
+
+
+async def test_unit_never_started_for_this_call_is_a_stalled_activation(capsys):
+    idle = FakeSystemd(unit("inactive", "dead", 0))
+    assert await call.unit_failure(idle, SINCE, SINCE + 2_000_000) is None  # give the bus its moment
+    f = await call.unit_failure(idle, SINCE, SINCE + 3_000_000)
+    assert isinstance(f, call.ActivationStalled)
+    # A start job queued in systemd is on its way: not stalled.
+    assert await call.unit_failure(FakeSystemd(unit("inactive", "dead", 0, job=7)), SINCE, SINCE + 9_000_000) is None
+    assert admin._fail(f, "status") == admin.EXIT_TEMPORARY
+    assert capsys.readouterr().err == (
+        "apache-restart: status: the broker is not running: apache-restart-broker.service is inactive and the bus "
+        "has not started it (it may still wait for an earlier attempt, up to 25 s); start it with "
+        "'systemctl start apache-restart-broker.service'\n")
