@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from . import __version__, log, selftest
-from .timefmt import local_iso
 from .config import Config
 from .due import others_due
 from .errors import BrokerError, NothingStaged, RateLimited
@@ -23,6 +22,7 @@ from .restart import Restarter, RestartOutcome
 from .scheduler import Scheduler
 from .staging import CertSet, Store, validate_md_name
 from .state import StateFile
+from .timefmt import local_iso
 from .verify import Verdict, verify_activation
 
 # How often job.json is looked at while a settle window is open: it decides an early end.

@@ -137,7 +137,7 @@ async def _probe(served: Served, address: str, md: str, active: CertSet | None) 
         if isinstance(e, TimeoutError):
             why = "no answer in time"
         elif isinstance(e, ssl.SSLError):
-            why = f"TLS error: {e.reason or e}"
+            why = f"TLS error: {getattr(e, 'reason', None) or e}"
         elif isinstance(e, OSError) and e.errno:
             why = os.strerror(e.errno).lower()  # asyncio's own text hides the reason in a tuple
         else:
