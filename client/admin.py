@@ -316,11 +316,14 @@ def _hook_steps(user: str, hook: str, md: str, bus_address: str | None, timeout:
         steps.append({"step": step, "ok": True, "detail": f"the hook's request for {md} would be taken", "fix": ""})
     elif rc == EXIT_REFUSED:
         # Authorization comes first in the broker: a refusal of the set means it let the caller through.
+        refusal = out.split(": ", 2)[-1].replace(names.ERROR_PREFIX, "")
         steps.append({"step": step, "ok": True,
-                      "detail": f"let through (the broker would refuse {md} now: {out.split(': ', 2)[-1]})",
-                      "fix": ""})
+                      "detail": f"let through (the broker would refuse {md} now: {refusal})", "fix": ""})
     elif rc == EXIT_DENIED:
-        steps.append({"step": step, "ok": False, "detail": f"refused: {out}", "fix": POLICY_FIX.format(user=user)})
+        # The bus daemon's refusal names its rules; the broker's names polkit. One line each.
+        who = "the bus policy" if "Rejected send message" in out else "polkit (or the broker could not ask it)"
+        steps.append({"step": step, "ok": False, "detail": f"refused by {who}",
+                      "fix": POLICY_FIX.format(user=user)})
     elif rc == EXIT_TEMPORARY:
         steps.append({"step": step, "ok": False, "detail": f"no answer: {out}",
                       "fix": "see the broker's log; as root, 'apache-restart status' tells whether it runs"})

@@ -238,6 +238,29 @@ def test_www_data_request_activates_broker_and_reloads_apache(system: System) ->
     assert f"request from uid 33 for {MD} accepted" in broker_log, broker_log
 
 
+def test_self_test_under_systemd(system: System) -> None:
+    c = system.c
+    gracefuls = _count(c, "/var/log/apache2/error.log", "AH00493")
+    r = c.run(["/usr/local/bin/apache-restart", "test", MD], check=False)
+    note_result("apache-restart test (systemd tier)", r.stdout.rstrip())
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[-1] == "9 of 9 checks passed", lines
+    assert f"ok    hook as {APACHE_USER}: /usr/local/bin/apache-restart-hook runs" in r.stdout
+    assert (f"ok    bus policy and polkit for {APACHE_USER}: let through (the broker would refuse {MD} now: "
+            f"NothingStaged: no certificate set is staged for {MD})") in r.stdout
+    assert f"ok    probe 127.0.0.1:443 ({MD}): serves the active certificate" in r.stdout
+    # A user the bus policy does not name fails that one step, and says what to fix.
+    r = c.run(["/usr/local/bin/apache-restart", "test", "--apache-user", "nobody", MD], check=False)
+    note_result("apache-restart test --apache-user nobody (systemd tier)", r.stdout.rstrip())
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "FAIL  bus policy and polkit for nobody: refused by the bus policy\n" in r.stdout
+    assert "      fix: the bus policy (/usr/share/dbus-1/system.d/org.masysma.ApacheRestart.conf)" in r.stdout
+    # Nothing was restarted.
+    assert _count(c, "/var/log/apache2/error.log", "AH00493") == gracefuls
+    assert prop(c, "Pending") is False
+
+
 def test_a_config_typo_is_named_and_a_broker_that_cannot_start_is_reported_at_once(system: System) -> None:
     c = system.c
     config = c.path("/etc/apache-restart-broker.toml")
