@@ -33,6 +33,25 @@ def settings_line(cfg: config.Config) -> str:
             f"min interval {cfg.min_interval_seconds:g} s, probes {probes}, trust anchors {anchors}")
 
 
+def check_warnings(cfg: config.Config) -> list[str]:
+    """What a valid configuration will still meet on this host: the broker starts anyway
+    (the store may appear later, a command may be installed later), but an admin checking
+    the file wants to hear it now."""
+    warnings = []
+    if not os.path.isdir(cfg.md_store):
+        warnings.append(f"md_store {cfg.md_store} is not a directory (yet): nothing will be found to activate")
+    commands = [("configtest_command", cfg.configtest_command)]
+    if cfg.restart_via == "command":
+        commands.append(("graceful_command", cfg.graceful_command))
+    for key, argv in commands:
+        if argv and not (os.path.isabs(argv[0]) and os.access(argv[0], os.X_OK)):
+            warnings.append(f"{key}: {argv[0]} is not an executable program here (PATH {config.COMMAND_PATH})")
+    for anchor in cfg.trust_anchors:
+        if not os.path.isfile(anchor):
+            warnings.append(f"trust_anchors: {anchor} is not a file")
+    return warnings
+
+
 async def _serve(cfg: config.Config, bus_address: str | None) -> int:
     # Imported here so that --help and config errors need no D-Bus library.
     from . import dbuslib, names
@@ -131,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         path = args.config or config.DEFAULT_PATH
         source = path if os.path.exists(path) else f"{path} (absent: all defaults)"
         print(f"{source}: ok: {settings_line(cfg)}")
+        for warning in check_warnings(cfg):
+            print(f"apache-restart-broker: warning: {warning}", file=sys.stderr)
         return 0
     if os.geteuid() != 0:
         log.warning("not running as root: restarting Apache and reading its store will likely fail")

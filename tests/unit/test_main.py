@@ -19,15 +19,34 @@ def _run(*args: str, module: str = "broker.main") -> subprocess.CompletedProcess
 
 
 def test_check_config_accepts_a_good_file_without_starting(tmp_path):
+    store = tmp_path / "md"
+    store.mkdir()
+    anchor = tmp_path / "ca.pem"
+    anchor.write_text("")
     path = tmp_path / "broker.toml"
-    path.write_text('md_store = "/srv/md"\nsettle_seconds = 10\nprobe = ["127.0.0.1:443"]\n'
-                    'restart_via = "systemd"\n')
+    path.write_text(f'md_store = "{store}"\nsettle_seconds = 10\nprobe = ["127.0.0.1:443"]\n'
+                    f'restart_via = "systemd"\nconfigtest_command = ["{sys.executable}", "-V"]\n'
+                    f'trust_anchors = ["{anchor}"]\n')
     done = _run("--check-config", "--config", str(path), "--bus-address", "unix:path=/nonexistent")
     assert done.returncode == 0, done.stderr
-    assert done.stdout == (f"{path}: ok: store /srv/md, restart via systemd (apache2.service), "
-                           "settle 10 s, min interval 300 s, probes 127.0.0.1:443, "
-                           "trust anchors /etc/ssl/certs/ca-certificates.crt\n")
+    assert done.stdout == (f"{path}: ok: store {store}, restart via systemd (apache2.service), "
+                           f"settle 10 s, min interval 300 s, probes 127.0.0.1:443, trust anchors {anchor}\n")
     assert done.stderr == ""
+
+
+def test_check_config_warns_about_what_the_host_lacks(tmp_path):
+    path = tmp_path / "broker.toml"
+    path.write_text(f'md_store = "{tmp_path}/no-store"\nconfigtest_command = ["/nonexistent/apachectl", "-t"]\n'
+                    f'graceful_command = ["{sys.executable}", "-V"]\ntrust_anchors = ["{tmp_path}/no-ca.pem"]\n')
+    done = _run("--check-config", "--config", str(path))
+    assert done.returncode == 0, done.stderr  # valid: the broker would start
+    assert done.stderr.splitlines() == [
+        f"apache-restart-broker: warning: md_store {tmp_path}/no-store is not a directory (yet): "
+        "nothing will be found to activate",
+        "apache-restart-broker: warning: configtest_command: /nonexistent/apachectl is not an executable "
+        f"program here (PATH {config.COMMAND_PATH})",
+        f"apache-restart-broker: warning: trust_anchors: {tmp_path}/no-ca.pem is not a file",
+    ]
 
 
 def test_check_config_names_the_typo_and_exits_non_zero(tmp_path):
