@@ -9,13 +9,18 @@ import sys
 from . import __version__, config, log
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; --help and the manual page are both made from it."""
     p = argparse.ArgumentParser(prog="apache-restart-broker",
                                 description="Graceful Apache restarts for mod_md, on the system bus.")
     p.add_argument("--config", help=f"TOML configuration (default {config.DEFAULT_PATH})")
     p.add_argument("--bus-address", help="bus to serve on (default: the system bus)")
     p.add_argument("--version", action="version", version=__version__)
-    return p.parse_args(argv)
+    return p
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 async def _serve(cfg: config.Config, bus_address: str | None) -> int:
