@@ -53,7 +53,8 @@ def _date() -> str:
 
 
 def header(name: str, section: int, title: str, summary: str) -> list[str]:
-    return [f'.TH {opt(name.upper())} {section} "{_date()}" "{SOURCE_LINE}" "{title}"',
+    # No hyphenation, no justification: paths, keys and TOML values must stay copyable.
+    return [f'.TH {opt(name.upper())} {section} "{_date()}" "{SOURCE_LINE}" "{title}"', ".nh", ".ad l",
             ".SH NAME", f"{opt(name)} \\- {esc(summary)}"]
 
 
