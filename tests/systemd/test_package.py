@@ -225,7 +225,11 @@ def test_admin_command_and_manual_page(installed: Installed) -> None:
 
 def test_remove_keeps_the_config_and_disables_the_hook(installed: Installed) -> None:
     c = installed.c
+    # A running broker is stopped, not left running code that is gone.
+    c.run(["apache-restart", "status"])
+    assert is_active(c, UNIT) == "active"
     apt(c, "remove", PKG)
+    assert is_active(c, UNIT) == "inactive"
     assert c.run(["dpkg-query", "-W", "-f=${Status}", PKG]).stdout == "deinstall ok config-files"
     assert c.path("/etc/apache-restart-broker.toml").is_file()
     assert c.path(f"/etc/apache2/conf-available/{PKG}.conf").is_file()
