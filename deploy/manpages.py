@@ -80,7 +80,8 @@ def _action_tag(action: argparse.Action) -> str:
     names = ", ".join(opt(s) for s in action.option_strings)
     if action.nargs == 0:
         return names
-    return f"{names} \\fI{esc(action.metavar or action.dest.upper())}\\fR"
+    metavar = action.metavar if isinstance(action.metavar, str) else action.dest.upper()
+    return f"{names} \\fI{esc(metavar)}\\fR"
 
 
 def options(parser: argparse.ArgumentParser) -> list[tuple[str, str]]:

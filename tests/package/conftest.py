@@ -1,6 +1,6 @@
 """The package tier: build the .deb from this tree, lint it and look inside (root, Debian 12).
 
-Under ./scripts/test (ARB_PACKAGE_TIER=1) a machine that cannot build it fails the tier;
+Under ./scripts/test (ARB_TIERS_REQUIRED=1) a machine that cannot build it fails the tier;
 elsewhere the tests are skipped with the reason.
 """
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import tiers
 from tests.package import debbuild
 
 
@@ -17,7 +18,5 @@ from tests.package import debbuild
 def deb() -> Path:
     why = debbuild.missing()
     if why:
-        if debbuild.required():
-            pytest.fail(why, pytrace=False)
-        pytest.skip(why)
+        tiers.unavailable(why)
     return debbuild.built_deb()

@@ -10,13 +10,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent.parent
 BUILD_DEB = REPO / "scripts" / "build-deb"
-TIER_ENV = "ARB_PACKAGE_TIER"
 # Debian's own tools first: the test interpreter may sit in a venv or another Python's PATH.
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "HOME": "/root"}
-
-
-def required() -> bool:
-    return os.environ.get(TIER_ENV) == "1"
 
 
 def missing() -> str | None:
