@@ -1,4 +1,4 @@
-# Both targets need root on Debian 12; each installs what it needs first (scripts/setup-env).
+# Every target needs root on Debian 12; each installs what it needs first.
 .PHONY: demo test deb
 
 # The project working end to end: mod_md, pebble, the broker and the hook on loopback.
