@@ -84,13 +84,15 @@ def _action_tag(action: argparse.Action) -> str:
     return f"{names} \\fI{esc(metavar)}\\fR"
 
 
-def options(parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
+def options(parser: argparse.ArgumentParser, with_help: bool = True) -> list[tuple[str, str]]:
     items = []
     for action in parser._actions:  # argparse has no public list of its actions
         if not action.option_strings or action.help == argparse.SUPPRESS:
             continue
         help_text = action.help or ""
         if isinstance(action, argparse._HelpAction):
+            if not with_help:  # a command's own -h: said once for the program
+                continue
             help_text = "show the usage and the options, then exit"
         elif isinstance(action, argparse._VersionAction):
             help_text = "print the version, then exit"
@@ -174,9 +176,8 @@ def admin_page() -> str:
         args = " ".join(f"\\fI{esc(a.metavar or a.dest)}\\fR" for a in child._actions
                         if not a.option_strings)
         lines += [".TP", f".B {opt(name)}" + (f" {args}" if args else ""), esc(helps.get(name, ""))]
-        for tag, text in options(child):
-            if "help" not in text and "usage" not in text:
-                lines += [".RS", ".TP", f".B {tag}", esc(text), ".RE"]
+        for tag, text in options(child, with_help=False):
+            lines += [".RS", ".TP", f".B {tag}", esc(text), ".RE"]
     lines += [".SH EXIT STATUS", *tagged([
         (str(admin.EXIT_OK), "done"),
         (str(admin.EXIT_REFUSED), "the broker refused (InvalidName, NothingStaged, StagingInvalid, "
