@@ -13,7 +13,8 @@ from . import __version__, config, log
 EXIT_CONFIG = 2
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; --help and the manual page are both made from it."""
     p = argparse.ArgumentParser(prog="apache-restart-broker",
                                 description="Graceful Apache restarts for mod_md, on the system bus.")
     p.add_argument("--config", help=f"TOML configuration (default {config.DEFAULT_PATH})")
@@ -21,7 +22,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--check-config", action="store_true",
                    help="only check the configuration file and exit: 0 when usable, 2 with the problem")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return p.parse_args(argv)
+    return p
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def settings_line(cfg: config.Config) -> str:

@@ -924,9 +924,13 @@ def test_install_needs_root_without_destdir() -> None:
         d = Path(tempfile.mkdtemp(prefix="arb-install-", dir="/tmp"))
         try:
             d.chmod(0o755)
-            shutil.copy(INSTALL, d / "install")
-            (d / "install").chmod(0o755)
-            result = run([runuser, "-u", "nobody", "--", "/usr/bin/python3", str(d / "install")],
+            # The installer reads its file list from deploy/ (and the keys from broker/).
+            for package in ("deploy", "broker"):
+                shutil.copytree(REPO / package, d / package, ignore=shutil.ignore_patterns("__pycache__"))
+            (d / "scripts").mkdir(mode=0o755)
+            shutil.copy(INSTALL, d / "scripts" / "install")
+            (d / "scripts" / "install").chmod(0o755)
+            result = run([runuser, "-u", "nobody", "--", "/usr/bin/python3", str(d / "scripts" / "install")],
                          env={"PATH": "/usr/bin:/bin"}, cwd=str(d))
         finally:
             shutil.rmtree(d, ignore_errors=True)

@@ -15,7 +15,6 @@ Timings of every phase are printed at the end of the session.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import tempfile
@@ -25,14 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 
 from broker import names
 from harness import nspawn
 from harness.procs import wait_for
 from tests import storefactory
 from tests.systemd.conftest import note, note_result
+from tests.systemd.steps import count_in, is_active, prop, served_sha256, unit_prop
 
 pytestmark = pytest.mark.systemd
 
@@ -71,23 +69,6 @@ class System:
     c: nspawn.Container
     install_output: str
     store: Path                      # the host's copy of the MD store (same store key)
-
-
-def busctl_json(c: nspawn.Container, *args: str, user: str | None = None) -> object:
-    r = c.run(["busctl", "--json=short", *args], user=user)
-    return json.loads(r.stdout)["data"]
-
-
-def prop(c: nspawn.Container, name: str) -> object:
-    return busctl_json(c, "get-property", names.BUS_NAME, names.OBJECT_PATH, names.INTERFACE, name)
-
-
-def unit_prop(c: nspawn.Container, unit: str, name: str) -> str:
-    return c.run(["systemctl", "show", "--value", "-p", name, unit]).stdout.strip()
-
-
-def is_active(c: nspawn.Container, unit: str) -> str:
-    return c.run(["systemctl", "is-active", unit], check=False).stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -162,25 +143,11 @@ def test_nobody_is_refused_by_the_bus_without_activating(system: System) -> None
     assert is_active(c, UNIT) == "inactive"
 
 
-def _served_sha256(c: nspawn.Container) -> str:
-    pem = c.run(["/usr/bin/python3", "-c",
-                 "import ssl; print(ssl.get_server_certificate(('127.0.0.1', 443)))"]).stdout
-    cert = x509.load_pem_x509_certificate(pem.encode())
-    return cert.fingerprint(hashes.SHA256()).hex()
-
-
-def _count(c: nspawn.Container, path: str, needle: str) -> int:
-    try:
-        return c.path(path).read_text(errors="replace").count(needle)
-    except FileNotFoundError:
-        return 0
-
-
 def test_www_data_request_activates_broker_and_reloads_apache(system: System) -> None:
     c = system.c
     active = storefactory.read_active_fingerprint(c.path(STORE), MD)
     assert active is not None
-    assert storefactory.fingerprint_of([_served_sha256(c)]) == active
+    assert storefactory.fingerprint_of([served_sha256(c)]) == active
 
     # mod_md stages a renewed set as www-data and tells the hook once job.json is written.
     staged = storefactory.add_staged(system.store, MD, job={"finished": True, "notified-renewed": True})
@@ -191,7 +158,7 @@ def test_www_data_request_activates_broker_and_reloads_apache(system: System) ->
 
     main_pid = unit_prop(c, "apache2.service", "MainPID")
     assert int(main_pid) > 0
-    graceful_before = _count(c, "/var/log/apache2/error.log", "AH00493")
+    graceful_before = count_in(c, "/var/log/apache2/error.log", "AH00493")
     assert is_active(c, UNIT) == "inactive"
     assert is_active(c, "polkit.service") == "inactive"   # nothing has asked polkit yet
 
@@ -227,11 +194,11 @@ def test_www_data_request_activates_broker_and_reloads_apache(system: System) ->
     # ... and was graceful: same parent, AH00493 logged once more.
     assert unit_prop(c, "apache2.service", "MainPID") == main_pid
     assert is_active(c, "apache2.service") == "active"
-    assert _count(c, "/var/log/apache2/error.log", "AH00493") == graceful_before + 1
+    assert count_in(c, "/var/log/apache2/error.log", "AH00493") == graceful_before + 1
     # mod_md activated the staged set, and Apache serves it.
     assert not c.path(f"{STORE}/staging/{MD}").exists()
     assert storefactory.read_active_fingerprint(c.path(STORE), MD) == staged.fingerprint
-    assert _served_sha256(c) == staged.sha256()
+    assert served_sha256(c) == staged.sha256()
     # The broker asked polkit: polkitd was activated for it.
     assert is_active(c, "polkit.service") == "active"
     broker_log = c.run(["journalctl", "--no-pager", "-o", "cat", "-u", UNIT]).stdout
@@ -240,7 +207,7 @@ def test_www_data_request_activates_broker_and_reloads_apache(system: System) ->
 
 def test_self_test_under_systemd(system: System) -> None:
     c = system.c
-    gracefuls = _count(c, "/var/log/apache2/error.log", "AH00493")
+    gracefuls = count_in(c, "/var/log/apache2/error.log", "AH00493")
     r = c.run(["/usr/local/bin/apache-restart", "test", MD], check=False)
     note_result("apache-restart test (systemd tier)", r.stdout.rstrip())
     assert r.returncode == 0, r.stdout + r.stderr
@@ -257,7 +224,7 @@ def test_self_test_under_systemd(system: System) -> None:
     assert "FAIL  bus policy and polkit for nobody: refused by the bus policy\n" in r.stdout
     assert "      fix: the bus policy (/usr/share/dbus-1/system.d/org.masysma.ApacheRestart.conf)" in r.stdout
     # Nothing was restarted.
-    assert _count(c, "/var/log/apache2/error.log", "AH00493") == gracefuls
+    assert count_in(c, "/var/log/apache2/error.log", "AH00493") == gracefuls
     assert prop(c, "Pending") is False
 
 
