@@ -4,7 +4,7 @@
                  [--then-timeout SECONDS] [--then PROGRAM [ARGS...] --]
 
 mod_md appends REASON and the MD name (and future versions may append more). What the hook
-does per reason, and why, is in HELP below and in the README; in short: `renewed` asks the
+does per reason, and why, is in REASONS and EXITS below and in the README; in short: `renewed` asks the
 broker for a graceful restart, every other reason is logged; then the admin's own command
 runs, if one is chained with --then.
 
@@ -32,65 +32,88 @@ EXIT_RETRY = 75             # EX_TEMPFAIL: not taken, a later try can cure it
 USAGE = (f"usage: {PROG} [--bus-address ADDRESS] [--timeout SECONDS] [--then-timeout SECONDS] "
          "[--then PROGRAM [ARGS...] --] REASON NAME [...]")
 
-HELP = f"""{USAGE}
-
-The command mod_md runs for every event of a Managed Domain (MD), as its one MDMessageCmd:
+# --help and the manual page are both made from the tables below (deploy/manpages.py).
+INTRO = """The command mod_md runs for every event of a Managed Domain (MD), as its one MDMessageCmd:
 
     MDMessageCmd /usr/local/bin/apache-restart-hook
 
 mod_md appends REASON and the MD's NAME (and future versions may append more arguments).
 It runs as Apache's user (www-data), except for `installed` (root, inside Apache's restart).
-
-What the hook does, per REASON (each line also goes to syslog, identifier {PROG},
-facility daemon, with the priority in brackets):
-
-  renewed          a new certificate set is staged: asks apache-restart-broker on the system
-                   bus (RequestGracefulRestart NAME) to restart Apache gracefully, so that the
-                   set is activated and verified; at most --timeout seconds (default and
-                   maximum 10). [info when planned, warning when retried, err when refused]
-  renewing         a renewal starts: logged. [info]
-  challenge-setup:TYPE:DNS
-                   a challenge is being set up: logged. [info]
-  installed        Apache's restart activated the set (run as root): logged. [info]
-  expiring         the certificate expires soon and was not renewed yet: logged. [warning]
-  errored          a renewal failed (mod_md retries it): logged. [err]
-  ocsp-renewed     an OCSP response was renewed: logged. [info]
-  ocsp-errored     an OCSP response could not be renewed: logged. [warning]
-  anything else    (a newer mod_md): logged, ignored. [notice]
-
-Only `renewed` loads a D-Bus library or connects to a bus.
-
-Exit status (mod_md acts on it):
-
-  renewed          0 when the broker took the request, or refused it for a reason no retry
-                   can cure (NothingStaged, StagingInvalid, InvalidName, AlreadyFailed);
-                   75 (EX_TEMPFAIL) when a later try can succeed (broker not reachable, no
-                   answer in time, RateLimited, AccessDenied, Internal): mod_md calls again
-                   later; 2 for a broken command line (mod_md keeps logging it).
-  every other      0. A non-zero exit on `renewing` or `challenge-setup:*` would make mod_md
-                   abort the renewal, so the hook never does that on its own.
-
-Options (before REASON):
-
-  --bus-address ADDRESS   the bus to call instead of the system bus
-  --timeout SECONDS       limit for `renewed` (more than 0, at most 10; default 10)
-  --then PROGRAM [ARGS...] --
-                          afterwards run PROGRAM (an absolute path; no shell) with ARGS,
-                          then REASON NAME and whatever else mod_md passed; the `--` ends
-                          ARGS and must be there (so no ARG can be `--`); --then comes last.
-                          Its stdin is /dev/null, its output is copied to mod_md's log.
-                          Its exit status joins the hook's: for `renewing` and
-                          `challenge-setup:*` a failing PROGRAM vetoes (its exit status, 1
-                          when it has none); for `renewed` the hook exits 75 (retry) when
-                          PROGRAM or the hook's own work failed, so a retry runs both again;
-                          every other reason exits 0.
-  --then-timeout SECONDS  PROGRAM's limit (default 60, at most 3600; for `installed`, which
-                          Apache waits for, at most 5): then its whole process group is killed
-                          and it counts as failed.
-  -h, --help              this text
-
-For testing only: {SOCKET_ENV} names the syslog socket (default /dev/log).
 """
+
+SYSLOG = (f"Each line also goes to syslog, identifier {PROG}, facility daemon, with the priority "
+          "in brackets. Only `renewed` loads a D-Bus library or connects to a bus.")
+
+REASONS = (
+    ("renewed", "a new certificate set is staged: asks apache-restart-broker on the system bus "
+                "(RequestGracefulRestart NAME) to restart Apache gracefully, so that the set is "
+                "activated and verified; at most --timeout seconds (default and maximum 10). "
+                "[info when planned, warning when retried, err when refused]"),
+    ("renewing", "a renewal starts: logged. [info]"),
+    ("challenge-setup:TYPE:DNS", "a challenge is being set up: logged. [info]"),
+    ("installed", "Apache's restart activated the set (run as root): logged. [info]"),
+    ("expiring", "the certificate expires soon and was not renewed yet: logged. [warning]"),
+    ("errored", "a renewal failed (mod_md retries it): logged. [err]"),
+    ("ocsp-renewed", "an OCSP response was renewed: logged. [info]"),
+    ("ocsp-errored", "an OCSP response could not be renewed: logged. [warning]"),
+    ("anything else", "(a newer mod_md): logged, ignored. [notice]"),
+)
+
+EXITS = (
+    ("renewed", "0 when the broker took the request, or refused it for a reason no retry can cure "
+                "(NothingStaged, StagingInvalid, InvalidName, AlreadyFailed); 75 (EX_TEMPFAIL) when "
+                "a later try can succeed (broker not reachable, no answer in time, RateLimited, "
+                "AccessDenied, Internal): mod_md calls again later; 2 for a broken command line "
+                "(mod_md keeps logging it)."),
+    ("every other", "0. A non-zero exit on `renewing` or `challenge-setup:*` would make mod_md abort "
+                    "the renewal, so the hook never does that on its own."),
+    ("with --then", "for `renewing` and `challenge-setup:*` a failing PROGRAM vetoes (its exit status, "
+                    "1 when it has none); for `renewed` the hook exits 75 (retry) when PROGRAM or the "
+                    "hook's own work failed, so a retry runs both again; every other reason exits 0."),
+)
+
+OPTIONS = (
+    ("--bus-address ADDRESS", "the bus to call instead of the system bus (DBUS_SYSTEM_BUS_ADDRESS "
+                              "is honoured too)"),
+    ("--timeout SECONDS", "limit for `renewed` (more than 0, at most 10; default 10)"),
+    ("--then PROGRAM [ARGS...] --", "afterwards run PROGRAM (an absolute path; no shell) with ARGS, "
+                                    "then REASON NAME and whatever else mod_md passed; the `--` ends "
+                                    "ARGS and must be there (so no ARG can be `--`); --then comes "
+                                    "last. Its stdin is /dev/null, its output is copied to mod_md's "
+                                    "log. Its exit status joins the hook's (see the exit status)."),
+    ("--then-timeout SECONDS", "PROGRAM's limit (default 60, at most 3600; for `installed`, which "
+                               "Apache waits for, at most 5): then its whole process group is "
+                               "killed and it counts as failed."),
+    ("-h, --help", "this text"),
+    ("--version", "the program's name and version"),
+)
+
+TESTING = f"For testing only: {SOCKET_ENV} names the syslog socket (default /dev/log)."
+
+
+def help_text() -> str:
+    import textwrap  # only for --help: the hook's start is on the path of every renewal
+
+    def table(rows: tuple[tuple[str, str], ...], column: int) -> str:
+        out = []
+        for tag, text in rows:
+            lines = textwrap.wrap(text, 96 - column)
+            if len(tag) + 4 > column:  # a long tag takes a line of its own
+                out.append(f"  {tag}")
+            else:
+                out.append(f"  {tag:<{column - 2}}{lines.pop(0)}")
+            out += [" " * column + line for line in lines]
+        return "\n".join(out)
+
+    return "\n\n".join([
+        USAGE, INTRO.rstrip("\n"),
+        "What the hook does, per REASON:\n\n" + table(REASONS, 19),
+        textwrap.fill(SYSLOG, 96),
+        "Exit status (mod_md acts on it):\n\n" + table(EXITS, 19),
+        "Options (before REASON):\n\n" + table(OPTIONS, 26),
+        TESTING,
+    ]) + "\n"
+
 
 # What the hook says, and at which syslog priority, for the reasons it only logs.
 _LOGGED = {
@@ -175,7 +198,8 @@ def renewed(md: str, bus_address: str | None, timeout: float) -> int:
     except Exception as e:  # a bug must not read as "delivered" nor print a traceback
         say(f"renewed {name}: internal error in the hook ({type(e).__name__}: {e}); mod_md will retry", ERR)
         return EXIT_RETRY
-    say(f"renewed {name}: restart planned at {call.format_usec(planned)}", INFO)
+    # The settle window ends early once mod_md is done: the time is the latest, not the likely.
+    say(f"renewed {name}: restart planned at the latest at {call.format_usec(planned)}", INFO)
     return EXIT_DELIVERED
 
 
@@ -246,6 +270,10 @@ def then(reason: str, rest: list[str], opts: dict, own: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--version":
+        from broker import __version__
+        print(f"{PROG} {__version__}")
+        return 0
     if not argv:  # run by hand: mod_md always passes a reason
         say(USAGE)
         return EXIT_USAGE
@@ -260,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"{e}; ignored ({' '.join(argv)[:200]})", ERR)
         return EXIT_DELIVERED
     if opts["help"]:
-        print(HELP, end="")
+        print(help_text(), end="")
         return 0
     reason, md = rest[0], (rest[1] if len(rest) > 1 else None)
     own = own_work(reason, md, opts)
