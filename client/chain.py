@@ -6,9 +6,10 @@ what mod_md can not give it:
 
 - argv only, no shell, no PATH search (PROGRAM is an absolute path); the environment and
   working directory are the hook's (Apache's, `/`); stdin is /dev/null;
-- its stdout and stderr go through a pipe that the hook copies, line by line, to its own
-  stderr (mod_md's log). The program never holds mod_md's stderr: whatever it leaves running
-  writes into a pipe that closes when the hook exits, and mod_md reads its stderr to EOF;
+- its stdout and stderr go through a pipe that the hook copies, line by line (a line longer
+  than MAX_LINE in pieces, MAX_OUTPUT bytes in all), to its own stderr (mod_md's log). The
+  program never holds mod_md's stderr: whatever it leaves running writes into a pipe that
+  closes when the hook exits, and mod_md reads its stderr to EOF;
 - its own session and process group; when it is not done after the timeout, the whole group
   gets SIGTERM, then SIGKILL a second later.
 """
@@ -97,6 +98,15 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
+def _cut(line: bytes) -> int:
+    """Where a piece of a long line ends: at MAX_LINE bytes, or before the UTF-8 sequence that
+    straddles it."""
+    cut = MAX_LINE
+    while cut > MAX_LINE - 3 and line[cut] & 0xC0 == 0x80:  # a continuation byte
+        cut -= 1
+    return cut
+
+
 class _Copier:
     """Copies the program's output to the hook's stderr, one line at a time, bounded."""
 
@@ -126,20 +136,26 @@ class _Copier:
         self._flush()
 
     def _take(self, data: bytes) -> None:
-        if self.copied >= MAX_OUTPUT:
-            if not self.dropped:
-                self.dropped = True
-                self.relay(f"(more than {MAX_OUTPUT} bytes of output; the rest is dropped)")
+        if self.dropped:
             return
-        data = data[: MAX_OUTPUT - self.copied]
+        room = MAX_OUTPUT - self.copied
+        over = len(data) > room
+        data = data[:room]
         self.copied += len(data)
         self.pending += data
         *lines, self.pending = self.pending.split(b"\n")
         for line in lines:
             self._line(line)
-        if len(self.pending) > MAX_LINE:
-            self._line(self.pending)
-            self.pending = b""
+        # A line longer than MAX_LINE goes on in pieces, not cut off: what is lost is its tail,
+        # often the error. A piece ends before a UTF-8 sequence, not inside it.
+        while len(self.pending) > MAX_LINE:
+            cut = _cut(self.pending)
+            self._line(self.pending[:cut])
+            self.pending = self.pending[cut:]
+        if over:  # said once, after what was copied
+            self._flush()
+            self.dropped = True
+            self.relay(f"(more than {MAX_OUTPUT} bytes of output; the rest is dropped)")
 
     def _flush(self, partial: bool = False) -> None:
         """Copy the unfinished last line once no more of it can come (or `partial`)."""
@@ -148,7 +164,11 @@ class _Copier:
             self.pending = b""
 
     def _line(self, raw: bytes) -> None:
-        self.relay(raw[:MAX_LINE].decode("utf-8", "replace").rstrip("\r"))
+        while len(raw) > MAX_LINE:
+            cut = _cut(raw)
+            self.relay(raw[:cut].decode("utf-8", "replace"))
+            raw = raw[cut:]
+        self.relay(raw.decode("utf-8", "replace").rstrip("\r"))
 
     def close(self) -> None:
         self._flush(partial=True)
