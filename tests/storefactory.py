@@ -162,14 +162,14 @@ class Issued:
 
     @property
     def not_before(self) -> float:
-        return _cert_time(self.cert, "not_valid_before")
+        return cert_time(self.cert, "not_valid_before")
 
     @property
     def not_after(self) -> float:
-        return _cert_time(self.cert, "not_valid_after")
+        return cert_time(self.cert, "not_valid_after")
 
 
-def _cert_time(cert: x509.Certificate, attr: str) -> float:
+def cert_time(cert: x509.Certificate, attr: str) -> float:
     t = getattr(cert, attr + "_utc", None) or getattr(cert, attr).replace(tzinfo=datetime.UTC)
     return t.timestamp()
 

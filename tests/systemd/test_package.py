@@ -5,8 +5,10 @@ python3-* libraries; nothing from PyPI, no venv). Then: a2enconf and a reload, p
 test server) inside the container, mod_md obtaining a certificate and calling the packaged hook
 as www-data, D-Bus activation of the broker, polkit, ReloadUnit through systemd, the new
 certificate served, the broker exiting when idle, `apache-restart status` and `man
-apache-restart`. Then `apt remove` (the configuration stays, the snippet is disabled, Apache
-keeps running) and `apt purge` (nothing of the package is left).
+apache-restart`. Then `apt remove`: refused, changing nothing, where Apache would still run the
+hook (a broken configuration, another file naming the hook); otherwise the configuration stays,
+the snippet is disabled, Apache is reloaded and mod_md renews a certificate that comes due
+afterwards, with no veto from the hook that is gone. Last `apt purge` (nothing is left).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from cryptography.hazmat.primitives import hashes
 from harness import nspawn
 from harness.certs import make_server_tls
 from harness.pebble import PEBBLE_ENV
-from harness.procs import wait_for
+from harness.procs import HarnessError, wait_for
 from tests.package import debbuild
+from tests.storefactory import cert_time
 from tests.systemd.conftest import note, skip_or_fail
 from tests.systemd.steps import count_in, is_active, journal, prop, served_sha256, unit_prop
 from tests.systemd.test_nspawn import BROKER_CONFIG
@@ -45,6 +48,10 @@ PEBBLE_DIR = "/srv/pebble"
 PEBBLE_ROOT = "/etc/ssl/pebble-root.pem"
 IDLE_EXIT = 3
 APT_ENV = {"DEBIAN_FRONTEND": "noninteractive"}
+HOOK = "/usr/bin/apache-restart-hook"
+RENEW_IN = 45.0
+VETO = "preventing renewal to proceed"
+HOOK_FAILED = "failed with exit code"     # AH10109: "MDMessageCmd ... failed with exit code 255."
 
 
 def site(ca_file: str) -> str:
@@ -223,23 +230,78 @@ def test_admin_command_and_manual_page(installed: Installed) -> None:
         assert r.returncode == 0, page
 
 
-def test_remove_keeps_the_config_and_disables_the_hook(installed: Installed) -> None:
+def test_remove_keeps_the_config_and_apache_renewing(installed: Installed) -> None:
+    """After `apt remove` mod_md still renews: no veto from a hook that is gone (issue 12)."""
     c = installed.c
+    error_log = "/var/log/apache2/error.log"
+    snippet = c.path(f"/etc/apache2/conf-enabled/{PKG}.conf")
+    # The MD's renewal comes due RENEW_IN seconds from now: Apache, with the hook still
+    # configured, learns of it in this reload, and is not reloaded by the test after it.
+    active = c.path(f"{STORE}/domains/{MD}/pubcert.pem").read_bytes()
+    active_before = x509.load_pem_x509_certificate(active).fingerprint(hashes.SHA256()).hex()
+    due = time.time() + RENEW_IN
+    window = int(cert_time(x509.load_pem_x509_certificate(active), "not_valid_after") - due)
+    c.path("/etc/apache2/sites-available/arb-test.conf").write_text(
+        site("/etc/apache2/arb-pebble-ca.pem").replace(
+            f"MDomain {MD}\n", f"LogLevel warn md:info\n<MDomain {MD}>\n    MDRenewWindow {window}s\n</MDomain>\n"))
+    c.sh("apache2ctl configtest 2>&1 && systemctl reload apache2.service")
+    vetoes_before = count_in(c, error_log, VETO) + count_in(c, error_log, HOOK_FAILED)
+
+    # Where Apache cannot stop running the hook, the removal is refused and changes nothing.
+    for name, text, says in (
+            ("arb-broken.conf", "ThisIsNoDirective\n", "Apache's configuration test fails"),
+            ("arb-own-hook.conf", f"MDMessageCmd {HOOK} --then /bin/true --\n", f"names {HOOK} in MDMessageCmd")):
+        extra = c.path("/etc/apache2/conf-enabled") / name
+        extra.write_text(text)
+        try:
+            r = c.run(["apt-get", "-y", "-q", "remove", PKG], env=APT_ENV, check=False, timeout=300)
+        finally:
+            extra.unlink()
+        out = r.stdout + r.stderr
+        assert r.returncode != 0, out
+        assert says in out and "nothing was removed" in out, out
+        assert c.run(["dpkg-query", "-W", "-f=${Status}", PKG]).stdout == "install ok installed"
+        assert c.path(HOOK).is_file() and snippet.exists()
+
     # A running broker is stopped, not left running code that is gone.
     c.run(["apache-restart", "status"])
     assert is_active(c, UNIT) == "active"
     apt(c, "remove", PKG)
+    removed = time.time()
+    assert removed < due - 5, "the removal took too long for the renewal below to prove anything"
     assert is_active(c, UNIT) == "inactive"
     assert c.run(["dpkg-query", "-W", "-f=${Status}", PKG]).stdout == "deinstall ok config-files"
     assert c.path("/etc/apache-restart-broker.toml").is_file()
     assert c.path(f"/etc/apache2/conf-available/{PKG}.conf").is_file()
-    # mod_md would veto every renewal with a hook that is gone: the snippet is off, Apache runs.
-    assert not c.path(f"/etc/apache2/conf-enabled/{PKG}.conf").exists()
+    assert not snippet.exists()
     assert c.run(["a2query", "-c", PKG], check=False).returncode != 0
-    assert not c.path("/usr/bin/apache-restart-hook").exists()
-    assert is_active(c, "apache2.service") == "active"
-    c.run(["apache2ctl", "configtest"])
+    assert not c.path(HOOK).exists()
     assert c.path("/var/lib/apache-restart-broker").is_dir()     # state stays until purge
+
+    # mod_md comes to the MD when it is due, with no reload by the test in between, and renews
+    # it: the removal reloaded Apache without the hook.
+    staged = c.path(f"{STORE}/staging/{MD}/pubcert.pem")
+
+    def vetoes() -> list[str]:
+        lines = c.path(error_log).read_text(errors="replace").splitlines()
+        return [line for line in lines if VETO in line or HOOK_FAILED in line]
+
+    try:
+        wait_for(lambda: staged.exists() or len(vetoes()) > vetoes_before, RENEW_IN + 90,
+                 f"mod_md to stage a renewed certificate for {MD}", interval=0.5)
+    except HarnessError:
+        pytest.fail("no renewal staged; Apache's error log ends:\n"
+                    + c.path(error_log).read_text(errors="replace")[-3000:])
+    assert vetoes()[vetoes_before:] == [], "mod_md's renewal was vetoed after apt remove"
+    note("package: apt remove to renewal staged", time.time() - removed)
+    assert staged.stat().st_mtime >= removed
+    assert is_active(c, "apache2.service") == "active"
+    # The next reload (logrotate's at night, or anyone's) activates it, as before the package.
+    c.run(["systemctl", "reload", "apache2.service"])
+    wait_for(lambda: not c.path(f"{STORE}/staging/{MD}").exists(), 30,
+             "Apache's reload to activate the staged set", interval=0.2)
+    active_after = c.path(f"{STORE}/domains/{MD}/pubcert.pem").read_bytes()
+    assert x509.load_pem_x509_certificate(active_after).fingerprint(hashes.SHA256()).hex() != active_before
 
 
 def test_purge_leaves_nothing(installed: Installed) -> None:
