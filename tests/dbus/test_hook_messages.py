@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from broker import __version__
 from client.hooklog import SOCKET_ENV
 from harness.procs import wait_for
 from tests import storefactory
@@ -422,6 +423,12 @@ def test_help_explains_every_reason_and_exit_code():
                    "syslog", SOCKET_ENV):
         assert needle in " ".join(r.stdout.split()), needle  # wherever a line breaks
     assert r.stdout.startswith("usage: apache-restart-hook ")
+
+
+def test_version_names_the_program():
+    argv, cwd = hook_command(["--version"])
+    r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=30, check=False)
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"apache-restart-hook {__version__}\n", "")
 
 
 def test_help_with_stdout_closed_still_exits_0():
