@@ -19,7 +19,7 @@ import pytest
 from broker import __version__
 from client.hooklog import SOCKET_ENV
 from harness.procs import wait_for
-from tests import storefactory
+from tests import busutil, storefactory
 from tests.dbus.test_hook import LINE, MD, MODULES_WRAPPER, SilentBus, _dbus_related, _loaded, hook_command, run_hook
 
 TAG = r"apache-restart-hook\[(\d+)\]: "
@@ -454,3 +454,43 @@ def test_then_with_stdin_and_stdout_closed_like_mod_md(programs):
     assert r.stderr.splitlines()[1:] == [f"{LINE}{prog}: out", f"{LINE}{prog}: err",
                                          f"{LINE}{prog}: stdin: /dev/null",
                                          f"{LINE}renewing {MD}: then {prog}: exited 0"]
+
+
+# -- the README's mail example ----------------------------------------------------------------
+
+
+def _readme_mail_example() -> tuple[list[str], str]:
+    """The MDMessageCmd tokens after the hook's path, and the md-mail script, from the README."""
+    readme = (busutil.REPO / "README.md").read_text()
+    (line,) = re.findall(r"^MDMessageCmd \S+apache-restart-hook (--then /\S+/md-mail .*)$", readme, re.MULTILINE)
+    (script,) = re.findall(r"```sh\n(#!/bin/sh\n# /usr/local/sbin/md-mail .*?)```", readme, re.DOTALL)
+    return line.split(), script
+
+
+@pytest.mark.parametrize("reason,name,mailed", [
+    ("errored", MD, f'mod_md: errored {MD}'),
+    ("expiring", "evil;$(id)\nx.example", "mod_md: expiring evilidx.example"),
+    ("renewing", MD, None),
+    ("renewed", MD, None),
+])
+async def test_readme_mail_example_as_the_hook_runs_it(programs, silent_bus, reason, name, mailed):
+    tokens, script = _readme_mail_example()
+    md_mail = program(programs, "md-mail", script.removeprefix("#!/bin/sh\n"))
+    tokens = [md_mail if t.endswith("/md-mail") else t for t in tokens]
+    # mail(1) and hostname(1) stand-ins on PATH: what was mailed lands in a file.
+    sent = programs / "sent"
+    sent.mkdir(mode=0o777)
+    sent.chmod(0o777)
+    program(programs, "mail", f'{{ printf "%s|" "$@"; echo; cat; }} > {sent}/mail\n')
+    program(programs, "hostname", "echo host.example\n")
+    run = await run_hook("--bus-address", silent_bus.address, "--timeout", "0.5", *tokens, reason, name,
+                         env={"PATH": f"{programs}:/usr/sbin:/usr/bin:/sbin:/bin"})
+    expected_rc = 75 if reason == "renewed" else 0  # the broker is away; md-mail itself succeeds
+    assert run.rc == expected_rc, run.stderr
+    assert f"then {md_mail}: exited 0" in run.stderr
+    if mailed is None:
+        assert not (sent / "mail").exists()
+        return
+    args, _, body = (sent / "mail").read_text().partition("\n")
+    assert args == f"-s|{mailed}|root|"
+    assert body.startswith(f'mod_md on host.example reports "{reason}" for {mailed.split()[-1]}.\n')
