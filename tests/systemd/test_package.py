@@ -266,8 +266,9 @@ def test_remove_keeps_the_config_and_apache_renewing(installed: Installed) -> No
     # A running broker is stopped, not left running code that is gone.
     c.run(["apache-restart", "status"])
     assert is_active(c, UNIT) == "active"
-    apt(c, "remove", PKG)
+    out = apt(c, "remove", PKG)
     removed = time.time()
+    assert f"Apache reloaded without {HOOK}: mod_md keeps renewing" in out, out
     assert removed < due - 5, "the removal took too long for the renewal below to prove anything"
     assert is_active(c, UNIT) == "inactive"
     assert c.run(["dpkg-query", "-W", "-f=${Status}", PKG]).stdout == "deinstall ok config-files"
