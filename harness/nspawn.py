@@ -605,6 +605,12 @@ class Container:
                          ["journalctl", "--no-pager", "-b", "-n", "150"]):
                 r = self.run(argv, check=False, timeout=20)
                 parts.append(f"--- {' '.join(argv)}\n{r.stdout}{r.stderr}")
+            # Apache's own log says why it failed (journald has only "exited, status=1").
+            try:
+                parts.append("--- /var/log/apache2/error.log\n"
+                             + self.path("/var/log/apache2/error.log").read_text(errors="replace")[-6000:])
+            except OSError:
+                pass
         return "\n".join(parts)
 
 
