@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives import hashes
 
 from broker import names
 from harness import nspawn
+from harness.procs import wait_for
 
 
 def busctl_json(c: nspawn.Container, *args: str, user: str | None = None) -> object:
@@ -51,3 +52,20 @@ def count_in(c: nspawn.Container, path: str, needle: str) -> int:
 
 def journal(c: nspawn.Container, unit: str) -> str:
     return c.run(["journalctl", "--no-pager", "-o", "cat", "-u", unit]).stdout
+
+
+APACHE_ERROR_LOG = "/var/log/apache2/error.log"
+RESUMED = "AH00489"     # "... configured -- resuming normal operations": a generation is up
+
+
+def reload_apache(c: nspawn.Container) -> None:
+    """Reload Apache and wait until it has re-read its configuration.
+
+    `systemctl reload` returns once apachectl has sent SIGUSR1; Apache's parent re-reads the
+    configuration after that. A file changed before it has done so (a broken one, say) is read
+    by this reload, not by the next.
+    """
+    generations = count_in(c, APACHE_ERROR_LOG, RESUMED)
+    c.sh("apache2ctl configtest 2>&1 && systemctl reload apache2.service")
+    wait_for(lambda: count_in(c, APACHE_ERROR_LOG, RESUMED) > generations, 30,
+             "Apache to re-read its configuration after the reload", interval=0.1)

@@ -33,7 +33,7 @@ from harness.procs import HarnessError, wait_for
 from tests.package import debbuild
 from tests.storefactory import cert_time
 from tests.systemd.conftest import note, skip_or_fail
-from tests.systemd.steps import count_in, is_active, journal, prop, served_sha256, unit_prop
+from tests.systemd.steps import count_in, is_active, journal, prop, reload_apache, served_sha256, unit_prop
 from tests.systemd.test_nspawn import BROKER_CONFIG
 
 pytestmark = pytest.mark.systemd
@@ -244,7 +244,7 @@ def test_remove_keeps_the_config_and_apache_renewing(installed: Installed) -> No
     c.path("/etc/apache2/sites-available/arb-test.conf").write_text(
         site("/etc/apache2/arb-pebble-ca.pem").replace(
             f"MDomain {MD}\n", f"LogLevel warn md:info\n<MDomain {MD}>\n    MDRenewWindow {window}s\n</MDomain>\n"))
-    c.sh("apache2ctl configtest 2>&1 && systemctl reload apache2.service")
+    reload_apache(c)  # done with it before a broken file appears below
     vetoes_before = count_in(c, error_log, VETO) + count_in(c, error_log, HOOK_FAILED)
 
     # Where Apache cannot stop running the hook, the removal is refused and changes nothing.
