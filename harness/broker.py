@@ -406,30 +406,12 @@ class BusWatcher:
                 pass
         return False
 
-    async def _call(
-        self,
-        member: str,
-        signature: str = "",
-        body: Sequence[Any] = (),
-        *,
-        destination: str = BUS_NAME,
-        path: str = OBJECT_PATH,
-        interface: str = INTERFACE,
-    ) -> list[Any]:
-        from broker.dbuslib import Message, MessageType
-
-        msg = Message(
-            destination=destination,
-            path=path,
-            interface=interface,
-            member=member,
-            signature=signature,
-            body=list(body),
-        )
-        reply = await self._bus.call(msg)
-        if reply.message_type == MessageType.ERROR:
-            text = reply.body[0] if reply.body else ""
-            raise BusCallError(reply.error_name, str(text))
+    async def _call(self, member: str, signature: str, body: Sequence[Any], timeout: float,
+                    **where: str) -> list[Any]:
+        reply = await busutil.call(self._bus, member, signature, list(body), timeout=timeout, **where)
+        error = busutil.error_of(reply)
+        if error:
+            raise BusCallError(*error)
         return [busutil.plain(v) for v in reply.body]
 
     def call(self, member: str, signature: str = "", body: Sequence[Any] = (), *, timeout: float = 15.0,
@@ -437,7 +419,8 @@ class BusWatcher:
         """A method call on the broker (as root); BusCallError for an error reply."""
         if self._loop is None:
             raise HarnessError("the bus watcher is not running")
-        future = asyncio.run_coroutine_threadsafe(self._call(member, signature, body, **where), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._call(member, signature, body, timeout, **where),
+                                                  self._loop)
         return future.result(timeout)
 
     def properties(self) -> dict[str, Any]:
