@@ -369,6 +369,7 @@ class BusWatcher:
                 "AddMatch",
                 "s",
                 [f"type='signal',path='{OBJECT_PATH}'"],
+                10.0,
                 destination="org.freedesktop.DBus",
                 path="/org/freedesktop/DBus",
                 interface="org.freedesktop.DBus",
