@@ -648,20 +648,6 @@ def test_systemd_analyze_verify_reports_a_bad_unit(tmp_path: Path) -> None:
     assert "sometimes" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("unit", sorted(p.name for p in SYSTEMD_DIR.glob("*.service")) +
-                         sorted(p.name for p in SYSTEMD_DIR.glob("*.timer")))
-def test_each_unit_points_to_manual_pages_that_are_shipped(unit: str) -> None:
-    """`systemctl help UNIT` and `systemctl status` show Documentation=: each page it names
-    must be one the package and the installer ship."""
-    from deploy import manifest
-    docs = " ".join(ini((SYSTEMD_DIR / unit).read_text()).get(("Unit", "Documentation"), []))
-    pages = re.findall(r"man:([\w.-]+)\((\d)\)", docs)
-    assert pages, f"{unit} has no Documentation=man:..."
-    shipped = manifest.manual_pages()
-    for name, section in pages:
-        assert shipped.get(name) == int(section), f"{unit}: man:{name}({section}) is not shipped"
-
-
 def test_broker_unit_is_a_dbus_service_run_from_the_installed_link() -> None:
     s = ini((SYSTEMD_DIR / BROKER_UNIT).read_text())
     assert s[("Service", "Type")] == ["dbus"]
