@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from broker import dbuslib, names  # noqa: E402
 from client.hooklog import SOCKET_ENV  # noqa: E402
-from tests import busutil, storefactory  # noqa: E402
+from harness import busutil, storefactory  # noqa: E402
 
 MD = "www.example.test"
 

@@ -19,7 +19,7 @@ import pytest
 from broker import __version__
 from client.hooklog import SOCKET_ENV
 from harness.procs import wait_for
-from tests import busutil, storefactory
+from harness import busutil, storefactory
 from tests.dbus.test_hook import LINE, MD, MODULES_WRAPPER, SilentBus, _dbus_related, _loaded, hook_command, run_hook
 
 TAG = r"apache-restart-hook\[(\d+)\]: "

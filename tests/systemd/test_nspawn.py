@@ -30,10 +30,10 @@ import pytest
 
 from broker import names
 from harness import nspawn
+from harness import storefactory
 from harness.certs import make_server_tls
 from harness.pebble import PEBBLE_ENV, pebble_binary
 from harness.procs import HarnessError, wait_for
-from tests import storefactory
 from tests.systemd.conftest import note, note_result
 from tests.systemd.steps import count_in, is_active, prop, reload_apache, served_sha256, unit_prop
 

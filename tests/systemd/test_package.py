@@ -31,7 +31,7 @@ from harness.certs import make_server_tls
 from harness.pebble import PEBBLE_ENV
 from harness.procs import HarnessError, wait_for
 from tests.package import debbuild
-from tests.storefactory import cert_time
+from harness.storefactory import cert_time
 from tests.systemd.conftest import note, skip_or_fail
 from tests.systemd.steps import count_in, is_active, journal, prop, reload_apache, served_sha256, unit_prop
 from tests.systemd.test_nspawn import BROKER_CONFIG
