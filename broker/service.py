@@ -31,6 +31,7 @@ from .dbuslib import (
 )
 from .engine import Engine
 from .errors import BrokerError, InvalidArguments, RateLimited
+from .text import safe
 
 
 class ApacheRestartInterface(ServiceInterface):
@@ -90,11 +91,12 @@ class ApacheRestartInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def LastResult(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
-        return self._engine.announced["LastResult"]
+        return safe(self._engine.announced["LastResult"])
 
     @signal()
     def RestartFinished(self, ok: bool, detail: str, names: list[str]) -> "bsas":  # type: ignore[name-defined]  # noqa: F821
-        return [ok, detail, names]
+        # The engine escapes already; this is the exit, so it is made sure of here too.
+        return [ok, safe(detail), [safe(n) for n in names]]
 
 
 class ApacheRestartService:
@@ -119,7 +121,8 @@ class ApacheRestartService:
         self.bus.add_message_handler(self.handle_message)
 
     def _properties_changed(self, changed: dict[str, Any]) -> None:
-        self.interface.emit_properties_changed(changed)
+        self.interface.emit_properties_changed(
+            {k: safe(v) if isinstance(v, str) else v for k, v in changed.items()})
 
     # -- dispatch ------------------------------------------------------------------------
 
@@ -162,7 +165,7 @@ class ApacheRestartService:
             self.in_flight -= 1
 
     def _reply_error(self, msg: Message, e: BrokerError) -> None:
-        self._send(msg, Message.new_error(msg, names.error_name(e.code), e.message))
+        self._send(msg, Message.new_error(msg, names.error_name(e.code), safe(e.message)))
 
     def _send(self, msg: Message, reply: Message) -> None:
         if int(msg.flags) & FLAG_NO_REPLY_EXPECTED:
@@ -182,7 +185,7 @@ class ApacheRestartService:
         caller = await self._authorize(msg)
         (md,) = msg.body
         try:
-            planned = self.engine.request(md, caller.uid)
+            planned = await self.engine.request(md, caller.uid)
         except BrokerError as e:
             log.info(f"request from uid {caller.uid} for {md!r} refused: {e.code}: {e.message}")
             raise
@@ -191,10 +194,11 @@ class ApacheRestartService:
 
     async def _get_status(self, msg: Message) -> tuple[str, list[Any]]:
         await self.authorizer.require_root(msg.sender)
-        return "s", [json.dumps(self.engine.status(), sort_keys=True)]
+        # json.dumps escapes every control and non-ASCII character (ensure_ascii).
+        return "s", [json.dumps(await self.engine.status(), sort_keys=True)]
 
     async def _check_all(self, msg: Message) -> tuple[str, list[Any]]:
         await self.authorizer.require_root(msg.sender)
-        scheduled, planned = self.engine.check_all()
+        scheduled, planned = await self.engine.check_all()
         log.info(f"check of every MD: {len(scheduled)} scheduled" + (f" ({', '.join(scheduled)})" if scheduled else ""))
         return "ast", [scheduled, planned]

@@ -60,7 +60,7 @@ async def test_request_plans_after_settle_and_restart_activates(tmp_path, store)
     clock = Clock()
     apache = FakeApache(store)
     engine, finished = make_engine(tmp_path, store, apache, clock)
-    planned = engine.request(MD, caller_uid=33)
+    planned = await engine.request(MD, caller_uid=33)
     assert planned == int((clock.t + 10) * 1_000_000)
     assert engine.pending and engine.planned_at_usec == planned
     await engine.restart_now()
@@ -74,13 +74,13 @@ async def test_failed_set_is_not_restarted_again_unless_root(tmp_path, store):
     storefactory.add_staged(store, MD, [MD])
     apache = FakeApache(store, activate=False)
     engine, finished = make_engine(tmp_path, store, apache, Clock())
-    engine.request(MD, caller_uid=33)
+    await engine.request(MD, caller_uid=33)
     await engine.restart_now()
     assert finished[0][0] is False and "still staged" in finished[0][1]
     with pytest.raises(AlreadyFailed):
-        engine.request(MD, caller_uid=33)
-    assert engine.check_all() == ([], 0)
-    engine.request(MD, caller_uid=0)  # root overrides
+        await engine.request(MD, caller_uid=33)
+    assert await engine.check_all() == ([], 0)
+    await engine.request(MD, caller_uid=0)  # root overrides
     assert engine.pending
 
 
@@ -88,14 +88,14 @@ async def test_config_test_failure_restarts_nothing_and_is_reported(tmp_path, st
     storefactory.add_staged(store, MD, [MD])
     apache = FakeApache(store, configtest_ok=False)
     engine, finished = make_engine(tmp_path, store, apache, Clock())
-    engine.request(MD, caller_uid=33)
+    await engine.request(MD, caller_uid=33)
     await engine.restart_now()
     assert finished == [(False, "config test failed: AH00526: Syntax error", [MD])]
     assert engine.last_restart_usec == 0
     assert engine.last_result.startswith("failed: config test failed")
     # Not a failed activation: the same set may be requested again.
     apache.configtest_ok = True
-    engine.request(MD, caller_uid=33)
+    await engine.request(MD, caller_uid=33)
     await engine.restart_now()
     assert finished[-1][0] is True
 
@@ -104,7 +104,7 @@ async def test_pending_work_survives_a_new_engine(tmp_path, store):
     storefactory.add_staged(store, MD, [MD])
     clock = Clock()
     engine, _ = make_engine(tmp_path, store, FakeApache(store), clock)
-    planned = engine.request(MD, caller_uid=33)
+    planned = await engine.request(MD, caller_uid=33)
     again, finished = make_engine(tmp_path, store, FakeApache(store), clock)
     assert again.pending and again.planned_at_usec == planned
     await again.restart_now()
@@ -120,7 +120,7 @@ async def test_batch_interrupted_mid_restart_is_resumed(tmp_path, store):
             await asyncio.Event().wait()
 
     engine, _ = make_engine(tmp_path, store, Hanging(store), clock)
-    engine.request(MD, caller_uid=33)
+    await engine.request(MD, caller_uid=33)
     task = asyncio.ensure_future(engine.restart_now())
     await asyncio.sleep(0.05)
     task.cancel()  # the broker died while Apache was restarting
@@ -134,7 +134,7 @@ async def test_set_activated_meanwhile_needs_no_restart(tmp_path, store):
     storefactory.add_staged(store, MD, [MD])
     apache = FakeApache(store)
     engine, finished = make_engine(tmp_path, store, apache, Clock())
-    engine.request(MD, caller_uid=33)
+    await engine.request(MD, caller_uid=33)
     storefactory.activate(store, MD)  # someone else restarted Apache
     await engine.restart_now()
     assert apache.restarts == 0 and finished == []
@@ -145,15 +145,15 @@ async def test_refusals_change_nothing(tmp_path, store):
     storefactory.add_staged(store, MD, [MD], cert_names=["other.example.test"])
     engine, _ = make_engine(tmp_path, store, FakeApache(store), Clock(), rate_burst=2, rate_per_second=0)
     with pytest.raises(StagingInvalid):
-        engine.request(MD, caller_uid=33)
+        await engine.request(MD, caller_uid=33)
     with pytest.raises(NothingStaged):
-        engine.request("nothing.example.test", caller_uid=33)
+        await engine.request("nothing.example.test", caller_uid=33)
     assert not engine.pending
     with pytest.raises(RateLimited):
-        engine.request(MD, caller_uid=33)
+        await engine.request(MD, caller_uid=33)
     # Buckets are per user: root still has its own.
     with pytest.raises(StagingInvalid):
-        engine.request(MD, caller_uid=0)
+        await engine.request(MD, caller_uid=0)
 
 
 async def test_run_loop_restarts_early_when_mod_md_notified(tmp_path, store):
@@ -161,7 +161,7 @@ async def test_run_loop_restarts_early_when_mod_md_notified(tmp_path, store):
     clock = Clock()
     apache = FakeApache(store)
     engine, finished = make_engine(tmp_path, store, apache, clock, settle_seconds=3600)
-    engine.request(MD, caller_uid=33)
+    await engine.request(MD, caller_uid=33)
     runner = asyncio.ensure_future(engine.run())
     try:
         await asyncio.sleep(0.6)
@@ -187,14 +187,18 @@ async def test_window_waits_while_mod_md_renews_another_md(tmp_path, store):
     clock = Clock()
     apache = FakeApache(store)
     engine, finished = make_engine(tmp_path, store, apache, clock, settle_seconds=3600)
-    engine.request(MD, caller_uid=33)
+    await engine.request(MD, caller_uid=33)
+    await engine.poll_mod_md()  # what the run loop does every JOB_POLL_SECONDS
     assert engine.planned_at_usec == int((clock.t + 3600) * 1_000_000)
     clock.t += 5
+    await engine.poll_mod_md()  # what the run loop does every JOB_POLL_SECONDS
     assert engine.planned_at_usec == int((clock.t - 5 + 3600) * 1_000_000)  # still renewing next
     storefactory.write_job(store, other, {"finished": True, "notified-renewed": True})
-    engine.request(other, caller_uid=33)
+    await engine.request(other, caller_uid=33)
+    await engine.poll_mod_md()  # what the run loop does every JOB_POLL_SECONDS
     assert engine.planned_at_usec > int(clock.t * 1_000_000)  # both notified: quiet time starts
     clock.t += 1.5
+    await engine.poll_mod_md()  # what the run loop does every JOB_POLL_SECONDS
     assert engine.planned_at_usec <= int(clock.t * 1_000_000)
     await engine.restart_now()
     assert apache.restarts == 1 and sorted(finished[0][2]) == [other, MD]
@@ -209,11 +213,14 @@ async def test_window_waits_for_the_next_md_before_its_job_json(tmp_path, store)
     (nxt / "md.json").write_text("{}")
     clock = Clock()
     engine, _ = make_engine(tmp_path, store, FakeApache(store), clock, settle_seconds=3600)
-    engine.request(MD, caller_uid=33)
+    await engine.request(MD, caller_uid=33)
     clock.t += 5
+    await engine.poll_mod_md()  # what the run loop does every JOB_POLL_SECONDS
     assert engine.planned_at_usec == int((clock.t - 5 + 3600) * 1_000_000)
     (nxt / "md.json").unlink()
     nxt.rmdir()  # that renewal gave up: nothing else is under way
+    await engine.poll_mod_md()  # what the run loop does every JOB_POLL_SECONDS
     assert engine.planned_at_usec > int(clock.t * 1_000_000)  # the quiet second starts now
     clock.t += 1.5
+    await engine.poll_mod_md()  # what the run loop does every JOB_POLL_SECONDS
     assert engine.planned_at_usec <= int(clock.t * 1_000_000)
