@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from . import __version__, log
 from .config import Config
+from .due import others_due
 from .errors import BrokerError, InvalidName, NothingStaged, RateLimited
 from .ratelimit import RateLimiter
 from .restart import Restarter, RestartOutcome
@@ -29,9 +30,10 @@ from .verify import Verdict, verify_activation
 # How often job.json is looked at while a settle window is open: it decides an early end.
 JOB_POLL_SECONDS = 0.25
 # Once every MD of the window shows mod_md's "notified-renewed", the window still waits this
-# long with no other renewal under way before it ends early. mod_md renews MDs one after
-# another: the next MD's job starts a moment after the previous hook returned, and its
-# `renewed` should join this restart rather than cause a second one.
+# long with no other renewal under way before it ends early, when another managed MD is due
+# for renewal too. mod_md renews MDs one after another: the next MD's job starts a moment
+# after the previous hook returned, and its `renewed` should join this restart rather than
+# cause a second one. When no other MD is due, nothing will join: no wait.
 QUIET_SECONDS = 1.0
 
 # Store reads run in worker threads: a slow store (a huge staged certificate, a hanging
@@ -86,6 +88,7 @@ class Engine:
         # plan read only these, never the store.
         self._mod_md_done = False
         self._settled_since: float | None = None
+        self._quiet_needed = True
         self._load_state()
         self._announced = self.properties()
 
@@ -174,7 +177,7 @@ class Engine:
             return False
         if self._settled_since > now:
             self._settled_since = now
-        return now - self._settled_since >= QUIET_SECONDS
+        return not self._quiet_needed or now - self._settled_since >= QUIET_SECONDS
 
     def _mod_md_done_now(self, pending: tuple[str, ...]) -> bool:
         """In a worker thread: job.json shows every MD of `pending` notified, none other renewing."""
@@ -195,8 +198,18 @@ class Engine:
         if not done:
             self._settled_since = None
         elif self._settled_since is None:
+            # Asked once per quiet period, not at every poll: it reads every managed MD.
+            self._quiet_needed = await self._loop_io(self._others_due, pending, self.clock())
             self._settled_since = self.clock()
         self._mod_md_done = done
+
+    def _others_due(self, pending: tuple[str, ...], now: float) -> bool:
+        """In a worker thread: is another managed MD due for renewal (so worth a quiet second)?"""
+        try:
+            return bool(others_due(self.store, pending, now))
+        except (BrokerError, OSError) as e:
+            log.warning(f"cannot tell which other MDs are due for renewal: {e}")
+            return True
 
     async def _caller_io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(
@@ -236,7 +249,8 @@ class Engine:
         The caller is already authorized. Raises the core's BrokerErrors, each with a
         message fit for the caller.
         """
-        if not self.limiter.allow(caller_uid, time.monotonic()):
+        # The engine's one clock: the limiter copes with a wall clock stepping backwards.
+        if not self.limiter.allow(caller_uid, self.clock()):
             raise RateLimited("too many requests; try again later")
         validate_md_name(md)
         staged = await self._caller_io(self.store.check_staged, md)
