@@ -1,0 +1,98 @@
+"""Text that www-data writes into the store, on the real stack: it reaches replies, LastResult,
+RestartFinished and the log only escaped, the broker survives it, is restarted and still serves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from broker import names
+from harness.procs import wait_for
+from tests import storefactory
+from tests.realstack.stack import APACHE_USER, RealStack
+
+pytestmark = pytest.mark.realstack
+
+MD = "www.example.test"
+OTHER = "other.example.test"
+THIRD = "third.example.test"
+# What md.json's "domains" may hold for an MD without a root-owned md.json: any ASCII.
+HOSTILE = "a\0b\x1b]0;owned\x07\x1b[2J\r\n<0>forged\x7f"
+ESCAPED = "a\\x00b\\x1b]0;owned\\x07\\x1b[2J\\x0d\\x0a<0>forged\\x7f"
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def write_as_www_data(stack: RealStack, path: Path, obj: object) -> None:
+    """www-data writes `obj` as JSON to `path`, as code running as www-data could."""
+    result = stack.run_as(APACHE_USER, ["/usr/bin/python3", "-c",
+                                        "import sys; open(sys.argv[1], 'w').write(sys.argv[2])",
+                                        str(path), json.dumps(obj)])
+    assert result.returncode == 0, result.stderr
+
+
+def hand_staging_to_www_data(stack: RealStack) -> None:
+    """mod_md's staging/ belongs to www-data."""
+    user = pwd.getpwnam(APACHE_USER)
+    for root, dirs, files in os.walk(stack.store / "staging"):
+        for entry in [root, *(os.path.join(root, n) for n in dirs + files)]:
+            os.chown(entry, user.pw_uid, user.pw_gid)
+
+
+def assert_clean_log(stack: RealStack) -> None:
+    raw = stack.broker.log_path.read_bytes()  # type: ignore[union-attr]
+    assert b"\0" not in raw and b"\x1b" not in raw
+    for line in raw.decode("utf-8").splitlines():
+        assert re.match(r"<[0-7]>", line), line
+        assert not CONTROL.search(line), line
+        assert not line.startswith("<0>")
+
+
+def test_hostile_md_json_is_escaped_everywhere_and_survives_a_broker_restart(
+        realstack: Callable[..., RealStack]) -> None:
+    stack = realstack(settle_seconds=2.0)
+    storefactory.add_staged(stack.store, MD, [MD])
+    storefactory.add_staged(stack.store, OTHER, [OTHER])
+    storefactory.add_staged(stack.store, THIRD, [THIRD])
+    hand_staging_to_www_data(stack)
+    # A refusal quotes the hostile name: escaped.
+    write_as_www_data(stack, stack.store / "staging" / THIRD / "md.json",
+                      {"name": THIRD, "domains": [THIRD, HOSTILE]})
+    refused = stack.request(APACHE_USER, THIRD)
+    assert refused.error_name == names.ERROR_STAGING_INVALID, refused
+    assert refused.error_message.endswith(f"does not cover {ESCAPED}"), refused
+
+    # Two sound sets are requested; then www-data rewrites one of them, and the config test
+    # fails, so that the hostile text reaches the detail, LastResult and the state file.
+    assert stack.request(APACHE_USER, MD).ok
+    assert stack.request(APACHE_USER, OTHER).ok
+    write_as_www_data(stack, stack.store / "staging" / OTHER / "md.json",
+                      {"name": OTHER, "domains": [OTHER, HOSTILE]})
+    # Apache's config test may quote what it read (mod_md reads the store too).
+    (stack.control / "configtest-fails").write_bytes(b"AH10045: " + HOSTILE.encode() + b"\xff\xc2\x9b\n")
+    result = stack.wait_for_restart_result()
+    # (its first line: up to the \r\n)
+    assert result.startswith("failed: config test failed: AH10045: a\\x00b\\x1b]0;owned\\x07\\x1b[2J ("), result
+    assert f"{OTHER}: names: staging/{OTHER}/pubcert.pem does not cover {ESCAPED}" in result, result
+    assert stack.broker is not None and stack.broker.running()
+    assert stack.prop("Version")  # still answering
+    # RestartFinished carried the same detail (a NUL there made the D-Bus library raise in the
+    # restart loop, which ended the broker).
+    assert "restart loop ended" not in stack.broker_log()
+    assert_clean_log(stack)
+
+    # The state file holds the escaped text; a new broker takes it over and still serves.
+    stack.restart_broker()
+    assert stack.prop("LastResult") == result
+    (stack.control / "configtest-fails").unlink()
+    assert stack.request(APACHE_USER, MD).ok
+    assert wait_for(lambda: stack.prop("LastResult") != result and stack.prop("LastResult"), 15,
+                    "the next restart") == "ok"
+    assert storefactory.read_active_fingerprint(stack.store, MD) is not None
+    assert_clean_log(stack)
