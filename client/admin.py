@@ -25,6 +25,7 @@ from typing import Any
 
 from broker import __version__, names
 from broker.dbuslib import Message, MessageType
+from broker.text import safe
 
 from . import call
 from .call import Connection, Failure, format_planned, format_usec, one_line
@@ -44,16 +45,16 @@ def _fail(f: Failure, what: str) -> int:
     if f.kind == call.DENIED:
         hint = " (status and check-all need root; request needs the polkit action " \
                f"{names.POLKIT_ACTION})"
-        print(f"{PROG}: {what}: access denied: {f.describe()}{hint}", file=sys.stderr)
+        print(f"{PROG}: {what}: access denied: {_show(f.describe(), 1000)}{hint}", file=sys.stderr)
         return EXIT_DENIED
     if f.kind == call.UNREACHABLE:
-        print(f"{PROG}: {what}: the broker is not reachable: {f.describe()}", file=sys.stderr)
+        print(f"{PROG}: {what}: the broker is not reachable: {_show(f.describe(), 1000)}", file=sys.stderr)
         return EXIT_TEMPORARY
     if f.retryable:
-        print(f"{PROG}: {what}: {f.describe()}; try again later", file=sys.stderr)
+        print(f"{PROG}: {what}: {_show(f.describe(), 1000)}; try again later", file=sys.stderr)
         return EXIT_TEMPORARY
     name = f.error_name or "error"
-    print(f"{PROG}: {what}: {name}: {one_line(f.message)}", file=sys.stderr)
+    print(f"{PROG}: {what}: {_show(name)}: {_show(one_line(f.message), 1000)}", file=sys.stderr)
     return EXIT_REFUSED
 
 
@@ -67,7 +68,10 @@ def _table(rows: list[list[str]]) -> list[str]:
 
 def _short(usec: int) -> str:
     """A time in a table cell: minutes are enough there, UTC is said once above the table."""
-    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(usec / 1e6)) if usec else "-"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.gmtime(usec / 1e6)) if usec else "-"
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "?"
 
 
 def _certs_by_key(s: dict | None) -> dict[str, dict]:
@@ -76,8 +80,17 @@ def _certs_by_key(s: dict | None) -> dict[str, dict]:
     return {c.get("key_type", "?"): c for c in s.get("certs") or []}
 
 
+def _show(value: Any, limit: int = 300) -> str:
+    """A value from the broker, fit for root's terminal: it may quote what www-data wrote."""
+    return safe(value if isinstance(value, str) else str(value), limit)
+
+
 def render_status(status: dict, props: dict) -> str:
-    """The terminal view of GetStatus (plus the properties, which say the same, live)."""
+    """The terminal view of GetStatus (plus the properties, which say the same, live).
+
+    Every text from the broker is escaped (broker.text.safe): names, serials and problems can
+    come from files www-data wrote, and a terminal obeys escape sequences.
+    """
     out: list[str] = []
     version = props.get("Version", status.get("version", "?"))
     pending = props.get("Pending", status.get("pending"))
@@ -87,8 +100,8 @@ def render_status(status: dict, props: dict) -> str:
     state = f"restart pending, planned at {format_planned(planned)}" if pending else "no restart pending"
     if status.get("restarting"):
         state = "restarting Apache now"
-    out.append(f"broker {version}, store {status.get('md_store', '?')}: {state}")
-    out.append(f"last restart: {format_usec(last)}" + (f", result: {result}" if result else ""))
+    out.append(f"broker {_show(version)}, store {_show(status.get('md_store', '?'))}: {state}")
+    out.append(f"last restart: {format_usec(last)}" + (f", result: {_show(result)}" if result else ""))
     out.append("")
     mds = status.get("mds") or []
     if not mds:
@@ -98,7 +111,7 @@ def render_status(status: dict, props: dict) -> str:
              "FAILED BEFORE"]]
     problems: list[str] = []
     for md in mds:
-        name = md.get("name", "?")
+        name = _show(md.get("name", "?"))
         active, staged = md.get("active"), md.get("staged")
         active_certs = _certs_by_key(active)
         staged_certs = _certs_by_key(staged if staged and staged.get("valid") else None)
@@ -108,9 +121,9 @@ def render_status(status: dict, props: dict) -> str:
             staged_text = f"valid since {_short(staged.get('since_usec', 0))}"
         else:
             staged_text = "INVALID"
-            problems.append(f"{name}: staged set: {one_line(staged.get('problem', ''))}")
+            problems.append(f"{name}: staged set: {_show(one_line(str(staged.get('problem', ''))))}")
         if md.get("active_problem"):
-            problems.append(f"{name}: active set: {one_line(md['active_problem'])}")
+            problems.append(f"{name}: active set: {_show(one_line(str(md['active_problem'])))}")
         pending_text = (f"yes, {_short(planned)}" if planned else "yes") if md.get("pending") else "no"
         keys = list(active_certs) + [k for k in staged_certs if k not in active_certs] or ["-"]
         for i, key in enumerate(keys):
@@ -118,11 +131,11 @@ def render_status(status: dict, props: dict) -> str:
             first = i == 0
             rows.append([
                 name if first else "",
-                key,
-                a.get("serial", "?") if a else "-",
+                _show(key),
+                _show(a.get("serial", "?")) if a else "-",
                 _short(a.get("not_after_usec", 0)) if a else "-",
                 staged_text if first else "",
-                s.get("serial", "?") if s else "-",
+                _show(s.get("serial", "?")) if s else "-",
                 pending_text if first else "",
                 ("yes" if md.get("failed_before") else "no") if first else "",
             ])
@@ -163,7 +176,7 @@ def cmd_request(args: argparse.Namespace) -> int:
         planned = call.request_restart(args.name, args.bus_address, args.timeout)
     except Failure as f:
         return _fail(f, f"request {args.name}")
-    print(f"{args.name}: restart planned at {format_planned(planned)}")
+    print(f"{_show(args.name)}: restart planned at {format_planned(planned)}")
     return EXIT_OK
 
 
@@ -177,7 +190,7 @@ def cmd_check_all(args: argparse.Namespace) -> int:
     except Failure as f:
         return _fail(f, "check-all")
     if scheduled:
-        print(f"scheduled: {', '.join(scheduled)}")
+        print(f"scheduled: {', '.join(_show(md) for md in scheduled)}")
     else:
         print("nothing new to schedule")
     if planned:
@@ -189,17 +202,54 @@ def cmd_check_all(args: argparse.Namespace) -> int:
 
 
 def describe_signal(msg: Any) -> str | None:
-    """One line for a broker signal worth showing, or None."""
-    if msg.member == "RestartFinished":
+    """One line for a broker signal worth showing, or None (also for a malformed one)."""
+    if msg.member == "RestartFinished" and msg.interface == names.INTERFACE and msg.signature == "bsas":
         ok, detail, mds = msg.body
-        return f"restart {'ok' if ok else 'FAILED'} for {', '.join(mds) or '(no MD)'}: {one_line(detail)}"
-    if msg.member == "PropertiesChanged":
+        return (f"restart {'ok' if ok else 'FAILED'} for {', '.join(_show(md) for md in mds) or '(no MD)'}: "
+                f"{_show(one_line(detail), 1000)}")
+    if (msg.member == "PropertiesChanged" and msg.interface == "org.freedesktop.DBus.Properties"
+            and msg.signature == "sa{sv}as" and msg.body[0] == names.INTERFACE):
         _iface, changed, _invalidated = msg.body
         values = {k: v.value for k, v in changed.items()}
-        if values.get("Pending") is True or values.get("PlannedAt"):
-            planned = values.get("PlannedAt")
-            return "restart pending" + (f", planned at {format_usec(planned)}" if planned else "")
+        planned = values.get("PlannedAt")
+        if values.get("Pending") is True or planned:
+            when = f", planned at {format_usec(planned)}" if isinstance(planned, int) and planned else ""
+            return "restart pending" + when
     return None
+
+
+class BrokerOwner:
+    """Which connection owns the broker's name now: only its signals are the broker's.
+
+    Anybody on the bus can send a signal with the broker's path and interface, even straight to
+    this connection; the bus daemon stamps the true sender's unique name on every message, so a
+    signal counts only when that is the current owner of the broker's name (followed through
+    NameOwnerChanged, which only the bus daemon itself sends).
+    """
+
+    def __init__(self, unique_name: str | None = None):
+        self.unique_name = unique_name
+
+    def follow(self, msg: Message) -> bool:
+        """Take note of a NameOwnerChanged for the broker's name; True when `msg` was one."""
+        if (msg.message_type == MessageType.SIGNAL and msg.sender == names.DBUS_BUS_NAME
+                and msg.member == "NameOwnerChanged" and msg.signature == "sss"
+                and msg.body[0] == names.BUS_NAME):
+            self.unique_name = msg.body[2] or None
+            return True
+        return False
+
+    def sent(self, msg: Message) -> bool:
+        return self.unique_name is not None and msg.sender == self.unique_name
+
+
+async def _name_owner(conn: Connection) -> str | None:
+    msg = Message(destination=names.DBUS_BUS_NAME, path=names.DBUS_PATH, interface=names.DBUS_INTERFACE,
+                  member="GetNameOwner", signature="s", body=[names.BUS_NAME])
+    reply = await asyncio.wait_for(conn.bus.call(msg), 10)
+    if reply.message_type == MessageType.ERROR:
+        return None  # not running now; NameOwnerChanged says when it is
+    return str(reply.body[0])
 
 
 async def _watch(bus_address: str | None) -> int:
@@ -208,9 +258,12 @@ async def _watch(bus_address: str | None) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    owner = BrokerOwner()
 
     def on_message(msg: Message) -> bool:
-        if msg.message_type == MessageType.SIGNAL and msg.path == names.OBJECT_PATH:
+        if owner.follow(msg):
+            return False
+        if msg.message_type == MessageType.SIGNAL and msg.path == names.OBJECT_PATH and owner.sent(msg):
             line = describe_signal(msg)
             if line:
                 print(f"{format_usec(int(time.time() * 1e6))}  {line}", flush=True)
@@ -218,8 +271,14 @@ async def _watch(bus_address: str | None) -> int:
 
     conn.bus.add_message_handler(on_message)
     try:
+        # Subscribed before the owner is asked, so that no change of owner falls in between.
+        await conn.add_match(f"type='signal',sender='{names.DBUS_BUS_NAME}',interface='{names.DBUS_INTERFACE}',"
+                             f"member='NameOwnerChanged',arg0='{names.BUS_NAME}'", timeout=10)
         await conn.add_match(f"type='signal',sender='{names.BUS_NAME}',path='{names.OBJECT_PATH}'",
                              timeout=10)
+        current = await _name_owner(conn)
+        if owner.unique_name is None:
+            owner.unique_name = current
         print(f"watching {names.BUS_NAME} on {call.bus_description(bus_address)} (Ctrl-C ends)",
               flush=True)
         lost = asyncio.ensure_future(conn.bus.wait_for_disconnect())

@@ -1,0 +1,44 @@
+"""What `apache-restart status` prints: every text from the broker escaped."""
+
+import unicodedata
+
+from client.admin import describe_signal, render_status
+
+HOSTILE = "evil\x1b]0;owned\x07\x1b[2J\x9b31m\u202e\0"
+
+
+def clean(text: str) -> bool:
+    return not any(unicodedata.category(ch)[0] == "C" and ch != "\n" for ch in text)
+
+
+def test_status_escapes_what_it_prints():
+    cert = {"key_type": HOSTILE, "serial": HOSTILE, "not_after_usec": 1_800_000_000_000_000}
+    status = {
+        "version": HOSTILE, "md_store": HOSTILE, "restarting": False,
+        "mds": [{"name": HOSTILE, "pending": True, "failed_before": False, "active_problem": HOSTILE,
+                 "active": {"certs": [cert]},
+                 "staged": {"valid": False, "problem": HOSTILE}}],
+    }
+    props = {"Version": HOSTILE, "Pending": True, "PlannedAt": 1_800_000_000_000_000,
+             "LastRestart": 1_800_000_000_000_000, "LastResult": "failed: " + HOSTILE}
+    out = render_status(status, props)
+    assert clean(out), repr(out)
+    assert "evil\\x1b]0;owned\\x07\\x1b[2J\\x9b31m\\u202e\\x00" in out
+
+
+def test_status_survives_nonsense_times():
+    status = {"mds": [{"name": "a.example", "pending": True, "active": {"certs": [
+        {"key_type": "rsa", "serial": "1", "not_after_usec": 10**30}]}}]}
+    assert "a.example" in render_status(status, {"PlannedAt": 10**30})
+
+
+class Msg:
+    def __init__(self, member, interface, signature, body):
+        self.member, self.interface, self.signature, self.body = member, interface, signature, body
+
+
+def test_watch_escapes_and_ignores_malformed_signals():
+    from broker import names
+    line = describe_signal(Msg("RestartFinished", names.INTERFACE, "bsas", [False, HOSTILE, [HOSTILE]]))
+    assert clean(line), repr(line)
+    assert describe_signal(Msg("RestartFinished", names.INTERFACE, "s", ["x"])) is None
