@@ -149,7 +149,7 @@ class Engine:
         }
         try:
             self.state.save(data)
-        except Exception as e:  # noqa: BLE001 - documented: saving never raises
+        except Exception as e:  # documented: saving never raises
             # Keep serving from memory: losing persistence is bad, refusing renewals is worse.
             log.err(f"could not save state: {type(e).__name__}: {e}")
 
