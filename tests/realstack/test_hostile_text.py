@@ -54,8 +54,72 @@ def assert_clean_log(stack: RealStack) -> None:
         assert not line.startswith("<0>")
 
 
-def test_hostile_md_json_is_escaped_everywhere_and_survives_a_broker_restart(
+def assert_clean_reply_text(text: str) -> None:
+    assert not CONTROL.search(text), text
+    if "does not cover" in text:  # the names check quotes what md.json lists: escaped
+        assert text.endswith(f"does not cover {ESCAPED}"), text
+
+
+def test_hostile_md_json_is_refused_cleanly_and_the_broker_still_serves_after_a_restart(
         realstack: Callable[..., RealStack]) -> None:
+    """www-data stages an MD whose md.json lists a NUL, escapes and "<0>" among its names."""
+    stack = realstack()
+    storefactory.add_staged(stack.store, THIRD, [THIRD])
+    hand_staging_to_www_data(stack)
+    write_as_www_data(stack, stack.store / "staging" / THIRD / "md.json",
+                      {"name": THIRD, "domains": [THIRD, HOSTILE]})
+    refused = stack.request(APACHE_USER, THIRD)
+    assert refused.error_name is not None and refused.error_name.startswith(names.ERROR_PREFIX), refused
+    assert_clean_reply_text(refused.error_message)
+    # CheckAll and GetStatus look at the same set.
+    assert stack.call("root", "CheckAll").ok
+    status = stack.call("root", "GetStatus")
+    assert status.ok and not CONTROL.search(status.stdout), status
+    assert stack.broker is not None and stack.broker.running()
+    assert_clean_log(stack)
+
+    stack.restart_broker()
+    assert stack.prop("LastResult") == ""
+    storefactory.add_active(stack.store, MD, [MD])
+    storefactory.add_staged(stack.store, MD, [MD])
+    assert stack.request(APACHE_USER, MD).ok
+    assert stack.wait_for_restart_result() == "ok"
+    assert_clean_log(stack)
+
+
+def test_hostile_command_output_is_escaped_and_the_state_holding_it_loads_again(
+        realstack: Callable[..., RealStack]) -> None:
+    """Apache's config test may quote what it read (mod_md reads the store too): the text
+    reaches LastResult, RestartFinished, the log and the state file, escaped."""
+    stack = realstack()
+    storefactory.add_active(stack.store, MD, [MD])
+    storefactory.add_staged(stack.store, MD, [MD])
+    (stack.control / "configtest-fails").write_bytes(b"AH10045: " + HOSTILE.encode() + b"\xff\xc2\x9b\n")
+    assert stack.request(APACHE_USER, MD).ok
+    result = stack.wait_for_restart_result()
+    # (its first line: up to the \r\n)
+    assert result == "failed: config test failed: AH10045: a\\x00b\\x1b]0;owned\\x07\\x1b[2J", result
+    assert stack.broker is not None and stack.broker.running()
+    # RestartFinished carried the same detail (a NUL there made the D-Bus library raise in the
+    # restart loop, which ended the broker).
+    assert "restart loop ended" not in stack.broker_log()
+    assert_clean_log(stack)
+
+    stack.restart_broker()
+    assert stack.prop("LastResult") == result
+    (stack.control / "configtest-fails").unlink()
+    assert stack.request(APACHE_USER, MD).ok
+    assert wait_for(lambda: stack.prop("LastResult") != result and stack.prop("LastResult"), 15,
+                    "the next restart") == "ok"
+    assert storefactory.read_active_fingerprint(stack.store, MD) is not None
+    assert_clean_log(stack)
+
+
+def test_hostile_names_of_an_unmanaged_md_are_escaped_everywhere(
+        realstack: Callable[..., RealStack]) -> None:
+    """An MD without a root-owned md.json (mod_md's first certificate): its staged md.json
+    lists the names. The hostile one reaches a refusal, and (through a set rewritten after
+    the request) the restart's detail, LastResult and the state file."""
     stack = realstack(settle_seconds=2.0)
     storefactory.add_staged(stack.store, MD, [MD])
     storefactory.add_staged(stack.store, OTHER, [OTHER])
