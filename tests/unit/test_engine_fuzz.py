@@ -6,6 +6,7 @@ log lines) carries a control, format or separator character, and log lines stay 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import io
 import json
 import shutil
@@ -37,6 +38,7 @@ def template() -> Path:
     global _template
     if _template is None:
         root = Path(tempfile.mkdtemp(prefix="arb-fuzz-template-"))
+        atexit.register(shutil.rmtree, root, True)
         store = storefactory.make_store(root)
         storefactory.add_staged(store, MD, [MD])
         storefactory.add_staged(store, OTHER, [OTHER])
