@@ -45,7 +45,9 @@ LOOP_WORKERS = 1
 # LastResult and RestartFinished's detail: at most this many characters (escaped).
 MAX_RESULT = MAX_TEXT
 STATE_VERSION = 1
-_STATE_KEYS = {"version", "scheduler", "in_progress", "last_restart_usec", "last_result"}
+_STATE_KEYS = frozenset({"version", "scheduler", "in_progress", "last_restart_usec", "last_result"})
+# Keys added after version 1, absent in older files; each one is checked where it is read.
+_STATE_OPTIONAL_KEYS: frozenset[str] = frozenset()
 
 T = TypeVar("T")
 Verifier = Callable[[Store, Mapping[str, CertSet], Sequence[str], float], Awaitable[Verdict]]
@@ -111,8 +113,10 @@ class Engine:
 
     def _restore(self, data: dict) -> None:
         """Take over a saved state; ValueError/TypeError/KeyError on anything malformed."""
-        if set(data) != _STATE_KEYS:
-            raise ValueError(f"keys {sorted(map(str, data))}, expected {sorted(_STATE_KEYS)}")
+        missing = _STATE_KEYS - set(data)
+        unknown = set(data) - _STATE_KEYS - _STATE_OPTIONAL_KEYS
+        if missing or unknown:
+            raise ValueError(f"missing keys {sorted(missing)}, unknown keys {sorted(map(safe, unknown))}")
         if type(data["version"]) is not int or data["version"] != STATE_VERSION:
             raise ValueError("unsupported version")
         scheduler = Scheduler.from_dict(data["scheduler"], self.cfg.settle_seconds,
