@@ -403,10 +403,14 @@ class Engine:
             self._recheck, batch, dict(self.scheduler.failed))
         # The last look before the restart: a set swapped while (or after) it was verified is
         # not what was verified, so it is not restarted for.
-        for md in await self._loop_io(self._changed_since_check, sets):
+        changed, activated = await self._loop_io(self._changed_since_check, sets)
+        for md in changed:
             del sets[md]
             dropped.append(f"{md}: staged set changed after verification")
             log.warning(f"dropped from restart: {md}: staged set changed after verification")
+        for md in activated:
+            del sets[md]
+            already_active.append(md)
         names = sorted(safe(md) for md in batch)
         if not sets:
             if already_active:
@@ -451,17 +455,22 @@ class Engine:
             log.notice(f"{md}: forgetting that a restart failed for its staged set "
                        "(the oldest of too many remembered)")
 
-    def _changed_since_check(self, sets: Mapping[str, CertSet]) -> list[str]:
-        """In a worker thread: the MDs whose staged set is no longer the one in `sets`."""
-        changed = []
+    def _changed_since_check(self, sets: Mapping[str, CertSet]) -> tuple[list[str], list[str]]:
+        """In a worker thread: (MDs whose staged set is no longer the one in `sets`, MDs whose
+        set in `sets` became active meanwhile, e.g. through a restart by someone else)."""
+        changed: list[str] = []
+        activated: list[str] = []
         for md, cset in sets.items():
             try:
                 now_staged = self.store.staged_fingerprint(md)
             except BrokerError:
                 now_staged = None
-            if now_staged != cset.fingerprint:
-                changed.append(md)
-        return changed
+            if now_staged == cset.fingerprint:
+                continue
+            active = _safe(self.store.active, md) if now_staged is None else None
+            (activated if active is not None and active.fingerprint == cset.fingerprint
+             else changed).append(md)
+        return changed, activated
 
     def _recheck(self, batch: Mapping[str, str], failed: Mapping[str, str]
                  ) -> tuple[dict[str, CertSet], list[str], list[str]]:

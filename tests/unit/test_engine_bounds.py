@@ -277,3 +277,21 @@ async def test_set_swapped_during_the_restart_is_named_not_blamed_on_mod_md(tmp_
     ok, detail, _ = finished[0]
     assert not ok
     assert detail == f"{MD}: activates serial {apache.swapped.serial()}, not the verified {first.serial()}"
+
+
+async def test_set_activated_right_after_verification_is_not_called_changed(tmp_path, store):
+    storefactory.add_staged(store, MD, [MD])
+
+    class ActivatedByOthers(SwapAfterCheck):
+        def check_staged(self, md):
+            result = Store.check_staged(self, md)
+            self.checks += 1
+            if self.checks == 2:
+                storefactory.activate(self.root_path, md)  # somebody else restarted Apache
+            return result
+
+    apache = FakeApache(store)
+    engine, finished = _engine_with(tmp_path, ActivatedByOthers(store, MD, at=2), apache)
+    await engine.request(MD, caller_uid=33)
+    await engine.restart_now()
+    assert apache.restarts == 0 and finished == [] and engine.last_result == ""
