@@ -19,13 +19,10 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.config import from_mapping
-from broker.engine import Engine
 from broker.errors import BrokerError
 from broker.restart import RestartOutcome
-from broker.staging import Store
-from broker.state import StateFile
 from tests import storefactory
+from tests.unit.test_engine import Clock, make_engine
 
 MD = "www.example.test"
 OTHER = "other.example.test"
@@ -76,9 +73,8 @@ class Apache:
 async def scenario(store: Path, state_dir: Path, domains: list[str], md_json_extra: dict, job: Any,
                    pubcert: bytes | None, apache: Apache) -> list[str]:
     outputs: list[str] = []
-    cfg = from_mapping({"md_store": str(store), "state_dir": str(state_dir), "settle_seconds": 0,
-                        "min_interval_seconds": 0, "verify_timeout_seconds": 0})
-    engine = Engine(cfg, Store(str(store)), apache, StateFile(str(state_dir)), clock=lambda: 1_800_000_000.0)
+    clock = Clock()
+    engine, _ = make_engine(state_dir.parent, store, apache, clock, settle_seconds=0, min_interval_seconds=0)
     engine.on_properties_changed = lambda changed: outputs.extend(strings_in(changed))
     engine.on_restart_finished = lambda ok, detail, names: outputs.extend([detail, *names])
     for md in (MD, OTHER):
@@ -98,7 +94,7 @@ async def scenario(store: Path, state_dir: Path, domains: list[str], md_json_ext
     outputs.extend(strings_in(engine.properties()))
     outputs.extend(strings_in(json.loads(json.dumps(await engine.status()))))
     # A new engine on the same state answers the same.
-    again = Engine(cfg, Store(str(store)), apache, StateFile(str(state_dir)), clock=lambda: 1_800_000_000.0)
+    again, _ = make_engine(state_dir.parent, store, apache, clock, settle_seconds=0, min_interval_seconds=0)
     outputs.extend(strings_in(again.properties()))
     return outputs
 
