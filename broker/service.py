@@ -187,7 +187,7 @@ class ApacheRestartService:
         try:
             planned = await self.engine.request(md, caller.uid)
         except BrokerError as e:
-            log.info(f"request from uid {caller.uid} for {md!r} refused: {e.code}: {e.message}")
+            log.info(f"request from uid {caller.uid} for {md[:300]!r} refused: {e.code}: {e.message}")
             raise
         log.info(f"request from uid {caller.uid} for {md} accepted, restart planned at {planned} µs")
         return "t", [planned]

@@ -44,6 +44,9 @@ def safe(text: object, limit: int = MAX_TEXT) -> str:
     Printable characters (any script) are kept; what is cut off is replaced by "...".
     """
     s = text if isinstance(text, str) else str(text)
+    # Escaping never shortens: what lies beyond `limit` characters is cut anyway. A caller's
+    # string can be megabytes long; this keeps the cost bounded too.
+    s = s[:limit + 1]
     if s.isascii() and s.isprintable():
         out = s
     else:

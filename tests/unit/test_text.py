@@ -39,3 +39,13 @@ def test_safe_output_holds_no_control_character_and_is_a_fixed_point(s):
     assert all(unicodedata.category(ch)[0] != "C" and ch not in "\u2028\u2029" for ch in out)
     out.encode("utf-8")  # no lone surrogate: D-Bus can carry it (raises otherwise)
     assert safe(out) == out and is_safe(out)
+
+
+def test_huge_input_costs_no_more_than_its_first_part(monkeypatch):
+    from broker import text
+    looked_at = []
+    real = text._unsafe
+    monkeypatch.setattr(text, "_unsafe", lambda ch: looked_at.append(ch) or real(ch))
+    out = safe("\0" * 50_000_000)
+    assert len(looked_at) <= MAX_TEXT + 1  # a caller's megabytes are not walked through
+    assert out == "\\x00" * ((MAX_TEXT - 3) // 4) + "\\x0"[:(MAX_TEXT - 3) % 4] + "..."
