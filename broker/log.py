@@ -27,7 +27,8 @@ MAX_LINE = 8192
 def _one_line(msg: object) -> str:
     # splitlines() also knows \r, \v, \x1c-\x1e, \x85, \u2028 and \u2029, which some
     # readers treat as line ends too.
-    return safe(" | ".join(str(msg).splitlines()), MAX_LINE)
+    # Cut first: what lies beyond MAX_LINE is dropped anyway, however long the message.
+    return safe(" | ".join(str(msg)[:MAX_LINE + 1].splitlines()), MAX_LINE)
 
 
 def emit(priority: int, msg: object) -> None:
