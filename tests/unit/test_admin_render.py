@@ -2,6 +2,9 @@
 
 import unicodedata
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from client.admin import describe_signal, render_status
 
 HOSTILE = "evil\x1b]0;owned\x07\x1b[2J\x9b31m\u202e\0"
@@ -42,3 +45,24 @@ def test_watch_escapes_and_ignores_malformed_signals():
     line = describe_signal(Msg("RestartFinished", names.INTERFACE, "bsas", [False, HOSTILE, [HOSTILE]]))
     assert clean(line), repr(line)
     assert describe_signal(Msg("RestartFinished", names.INTERFACE, "s", ["x"])) is None
+
+
+text = st.text(max_size=40)
+usec = st.integers(min_value=0, max_value=2**64 - 1)
+cert = st.fixed_dictionaries({"key_type": text, "serial": text, "not_after_usec": usec})
+md_entry = st.fixed_dictionaries({
+    "name": text, "pending": st.booleans(), "failed_before": st.booleans(),
+    "active": st.one_of(st.none(), st.fixed_dictionaries({"certs": st.lists(cert, max_size=3)})),
+    "staged": st.one_of(st.none(), st.fixed_dictionaries({"valid": st.just(False), "problem": text}),
+                        st.fixed_dictionaries({"valid": st.just(True), "since_usec": usec,
+                                               "certs": st.lists(cert, max_size=3)})),
+}, optional={"active_problem": text})
+
+
+@given(mds=st.lists(md_entry, max_size=4), version=text, store=text, result=text, planned=usec, last=usec,
+       pending=st.booleans())
+def test_status_of_any_text_prints_no_control_character(mds, version, store, result, planned, last, pending):
+    status = {"version": version, "md_store": store, "restarting": False, "mds": mds}
+    props = {"Version": version, "Pending": pending, "PlannedAt": planned, "LastRestart": last,
+             "LastResult": result}
+    assert clean(render_status(status, props))
