@@ -112,7 +112,7 @@ async def main_async(args: argparse.Namespace) -> int:
             idle += await _gets(client, args.gets)
             stop = asyncio.Event()
 
-            async def keep_checking() -> None:
+            async def keep_checking(stop: asyncio.Event) -> None:
                 while not stop.is_set():
                     start = time.perf_counter()
                     reply = await busutil.call(caller, "RequestGracefulRestart", "s", [MD], timeout=300)
@@ -120,7 +120,7 @@ async def main_async(args: argparse.Namespace) -> int:
                         raise RuntimeError(f"request: {busutil.error_of(reply)}\n{log_file.read_text()}")
                     checks.append(time.perf_counter() - start)
 
-            checking = asyncio.ensure_future(keep_checking())
+            checking = asyncio.ensure_future(keep_checking(stop))
             await asyncio.sleep(0.2)  # the first check is under way
             busy += await _gets(client, args.gets)
             stop.set()

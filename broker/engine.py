@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from . import __version__, log
+from . import __version__, log, selftest
 from .config import Config
 from .due import others_due
 from .errors import BrokerError, InvalidName, NothingStaged, RateLimited
@@ -25,6 +25,7 @@ from .scheduler import MAX_PENDING, Scheduler, check_fingerprint
 from .staging import CertSet, Store, validate_md_name
 from .state import StateFile
 from .text import MAX_TEXT, is_safe, safe
+from .timefmt import local_iso
 from .verify import Verdict, verify_activation
 
 # How often job.json is looked at while a settle window is open: it decides an early end.
@@ -47,7 +48,7 @@ MAX_RESULT = MAX_TEXT
 STATE_VERSION = 1
 _STATE_KEYS = frozenset({"version", "scheduler", "in_progress", "last_restart_usec", "last_result"})
 # Keys added after version 1, absent in older files; each one is checked where it is read.
-_STATE_OPTIONAL_KEYS: frozenset[str] = frozenset()
+_STATE_OPTIONAL_KEYS = frozenset({"last_result_usec"})
 
 T = TypeVar("T")
 Verifier = Callable[[Store, Mapping[str, CertSet], Sequence[str], float], Awaitable[Verdict]]
@@ -82,6 +83,9 @@ class Engine:
         self.scheduler = Scheduler(cfg.settle_seconds, cfg.min_interval_seconds)
         self.last_restart_usec = 0
         self.last_result = ""
+        # When the attempt that produced last_result ran: a config test that failed issued no
+        # restart, so LastRestart still names an earlier one.
+        self.last_result_usec = 0
         self.restarting = False
         self.on_properties_changed: Callable[[dict[str, Any]], None] = lambda changed: None
         self.on_restart_finished: Callable[[bool, str, list[str]], None] = lambda ok, detail, mds: None
@@ -106,7 +110,7 @@ class Engine:
                 # than one restart that a later renewal or the daily check asks for again.
                 self.state.discard(f"has unusable content ({safe(e)})")
                 self.scheduler = Scheduler(self.cfg.settle_seconds, self.cfg.min_interval_seconds)
-                self.last_restart_usec, self.last_result = 0, ""
+                self.last_restart_usec, self.last_result, self.last_result_usec = 0, "", 0
                 self._save()
         if self.scheduler.pending:
             log.notice(f"resuming pending restart for {', '.join(sorted(self.scheduler.pending))}")
@@ -133,8 +137,11 @@ class Engine:
                 raise ValueError("in_progress names an invalid MD") from None
             check_fingerprint("in_progress", fingerprint)
         last_restart, last_result = data["last_restart_usec"], data["last_result"]
-        if type(last_restart) is not int or not 0 <= last_restart < 2**63:
-            raise ValueError("last_restart_usec is not a time in µs")
+        # Older state files lack it: the result then belongs to the last restart.
+        last_result_usec = data.get("last_result_usec", last_restart)
+        for key, value in (("last_restart_usec", last_restart), ("last_result_usec", last_result_usec)):
+            if type(value) is not int or not 0 <= value < 2**63:
+                raise ValueError(f"{key} is not a time in µs")
         if not is_safe(last_result, MAX_RESULT) or not (
                 last_result in ("", "ok") or last_result.startswith("failed: ")):
             raise ValueError("last_result is not a printable result of bounded length")
@@ -142,6 +149,7 @@ class Engine:
         for md in left_out:
             log.warning(f"{md}: not resumed: {MAX_PENDING} MDs already pending")
         self.scheduler, self.last_restart_usec, self.last_result = scheduler, last_restart, last_result
+        self.last_result_usec = last_result_usec
 
     def _save(self, in_progress: Mapping[str, str] | None = None) -> None:
         data = {
@@ -150,6 +158,7 @@ class Engine:
             "in_progress": dict(in_progress or {}),
             "last_restart_usec": self.last_restart_usec,
             "last_result": self.last_result,
+            "last_result_usec": self.last_result_usec,
         }
         try:
             self.state.save(data)
@@ -261,6 +270,38 @@ class Engine:
         planned, _ = self._schedule({md: staged}, override=(caller_uid == 0))
         return planned
 
+    def dry_run(self, md: str, caller_uid: int) -> int:
+        """What request() would answer now, scheduling nothing: the planned time, or its error.
+
+        Limited like a request (it costs as much): `apache-restart test` runs it as the Apache
+        user to prove that the bus policy and polkit let the hook through.
+        """
+        if not self.limiter.allow(caller_uid, self.clock()):
+            raise RateLimited("too many requests; try again later")
+        validate_md_name(md)
+        staged = self.store.check_staged(md)
+        trial = Scheduler.from_dict(self.scheduler.to_dict(), self.cfg.settle_seconds,
+                                    self.cfg.min_interval_seconds)
+        now = self.clock()
+        planned = trial.add(md, staged.fingerprint, now, override=(caller_uid == 0))
+        return _usec(max(now, planned))
+
+    async def self_test(self, md: str) -> dict[str, Any]:
+        """The broker's checks for `apache-restart test` (see selftest.py); changes nothing."""
+        running = getattr(self.restarter, "apache_running", None)
+        apache_running = None
+        if self.cfg.restart_via == "command" and callable(running):
+            pid_file = self.cfg.pid_file
+
+            def apache_running() -> tuple[bool, str]:
+                if running():
+                    return True, f"a live process is named in {pid_file}"
+                return False, f"no live process is named in {pid_file}"
+        steps = await selftest.run(self.cfg.md_store, self.store, md, dict(self.scheduler.failed),
+                                   self.cfg.configtest_command, self.cfg.command_timeout_seconds,
+                                   self.cfg.probe, apache_running)
+        return selftest.as_json(steps)
+
     def _schedule(self, sets: Mapping[str, CertSet], override: bool) -> tuple[int, list[str]]:
         """Add `sets` to the plan; (planned time in µs, MDs added). Raises the first refusal
         when none could be added."""
@@ -348,12 +389,20 @@ class Engine:
         mds = await self._caller_io(self._status_of_mds, frozenset(self.scheduler.pending),
                                     dict(self.scheduler.failed))
         props = self.properties()
+        now = self.clock()
+        settled = self._settled(now)
+        plan = self.scheduler.plan(now, lambda md: settled)
+        retry = self.scheduler.retry
         return {
             "version": props["Version"],
             "pending": props["Pending"],
             "planned_at_usec": props["PlannedAt"],
+            "waiting_for": plan[1] if plan is not None and plan[0] > now else "",
+            "retry": None if retry is None else {
+                "attempts": retry.attempts, "at_usec": _usec(retry.at), "reason": retry.reason},
             "last_restart_usec": props["LastRestart"],
             "last_result": props["LastResult"],
+            "last_result_usec": self.last_result_usec,
             "restarting": self.restarting,
             "md_store": self.cfg.md_store,
             "mds": mds,
@@ -415,12 +464,17 @@ class Engine:
         if not sets:
             if already_active:
                 log.info(f"{', '.join(already_active)}: already active, no restart needed")
+            if not self.scheduler.pending:
+                self.scheduler.clear_retry()  # nothing left that a retry would be for
             if dropped:
                 self._finish(False, f"no restart: {'; '.join(dropped)}", names)
             self._announce()
             return
         outcome: RestartOutcome = await self.restarter.restart()
         now = self.clock()
+        self.last_result_usec = _usec(now)
+        if not outcome.issued:
+            self._hold({md: s.fingerprint for md, s in sets.items()}, now, outcome.detail)
         if outcome.issued:
             self.scheduler.record_restart(now)
             self.last_restart_usec = _usec(now)
@@ -448,6 +502,14 @@ class Engine:
         self._save()
         self._announce()
         self.on_restart_finished(ok, detail, names)
+
+    def _hold(self, batch: dict[str, str], now: float, why: str) -> None:
+        """No restart was issued (config test, Apache not running): retry the batch later."""
+        retry = self.scheduler.hold(batch, now, why)
+        first = sorted(batch)[0]
+        log.warning(f"restart for {', '.join(sorted(batch))} held back ({why}); retry {retry.attempts} "
+                    f"at the latest at {local_iso(retry.at)}; after fixing the cause, retry now with: "
+                    f"apache-restart request {first}")
 
     @staticmethod
     def _forget(forgotten: list[str]) -> None:
@@ -514,6 +576,7 @@ def _set_summary(s: CertSet) -> dict[str, Any]:
     return {
         "since_usec": _usec(s.since),
         "fingerprint": s.fingerprint,
+        "names": list(s.names),
         "certs": [
             {"key_type": c.key_type, "serial": c.serial, "sha256": c.sha256, "issuer": c.issuer,
              "not_before_usec": _usec(c.not_before), "not_after_usec": _usec(c.not_after)}
