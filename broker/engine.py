@@ -270,7 +270,7 @@ class Engine:
         planned, _ = self._schedule({md: staged}, override=(caller_uid == 0))
         return planned
 
-    def dry_run(self, md: str, caller_uid: int) -> int:
+    async def dry_run(self, md: str, caller_uid: int) -> int:
         """What request() would answer now, scheduling nothing: the planned time, or its error.
 
         Limited like a request (it costs as much): `apache-restart test` runs it as the Apache
@@ -279,7 +279,7 @@ class Engine:
         if not self.limiter.allow(caller_uid, self.clock()):
             raise RateLimited("too many requests; try again later")
         validate_md_name(md)
-        staged = self.store.check_staged(md)
+        staged = await self._caller_io(self.store.check_staged, md)
         trial = Scheduler.from_dict(self.scheduler.to_dict(), self.cfg.settle_seconds,
                                     self.cfg.min_interval_seconds)
         now = self.clock()
@@ -299,7 +299,7 @@ class Engine:
                 return False, f"no live process is named in {pid_file}"
         steps = await selftest.run(self.cfg.md_store, self.store, md, dict(self.scheduler.failed),
                                    self.cfg.configtest_command, self.cfg.command_timeout_seconds,
-                                   self.cfg.probe, apache_running)
+                                   self.cfg.probe, apache_running, run=self._caller_io)
         return selftest.as_json(steps)
 
     def _schedule(self, sets: Mapping[str, CertSet], override: bool) -> tuple[int, list[str]]:

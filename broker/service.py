@@ -240,7 +240,7 @@ class ApacheRestartService:
         # sends as the Apache user to see the hook's path through the bus policy and polkit.
         caller = await self._authorize(msg)
         (md,) = msg.body
-        planned = self.engine.dry_run(md, caller.uid)
+        planned = await self.engine.dry_run(md, caller.uid)
         log.info(f"dry run from uid {caller.uid} for {md}: a request would be planned at the latest "
                  f"at {usec_iso(planned)}")
         return "t", [planned]

@@ -2,6 +2,7 @@
 
 import ssl
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -90,3 +91,30 @@ async def test_a_missing_or_empty_store_stops_early(tmp_path):
     steps = await run(empty, md="")
     assert [(s.step, s.ok) for s in steps] == [("store", False)]
     assert "holds no MD" in steps[0].detail
+
+
+async def test_store_reads_stay_off_the_event_loop(tmp_path):
+    store = storefactory.make_store(tmp_path)
+    storefactory.add_active(store, MD, [MD])
+    storefactory.add_staged(store, MD, [MD])
+    loop_thread = threading.get_ident()
+    seen: list[tuple[str, bool]] = []
+
+    class WatchedStore(Store):
+        def __getattribute__(self, name):
+            attr = super().__getattribute__(name)
+            if name in ("list_mds", "managed_names", "check_staged", "active"):
+                def watched(*args, **kwargs):
+                    seen.append((name, threading.get_ident() == loop_thread))
+                    return attr(*args, **kwargs)
+                return watched
+            return attr
+
+    def running():
+        seen.append(("apache_running", threading.get_ident() == loop_thread))
+        return True, "pid 1"
+
+    steps = await selftest.run(str(store), WatchedStore(str(store)), MD, {}, (), 10.0, (), running)
+    assert all(s.ok for s in steps), steps
+    assert {name for name, _ in seen} == {"list_mds", "managed_names", "check_staged", "active", "apache_running"}
+    assert not any(on_loop for _, on_loop in seen), seen
