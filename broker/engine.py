@@ -21,7 +21,7 @@ from .due import others_due
 from .errors import BrokerError, InvalidName, NothingStaged, RateLimited
 from .ratelimit import RateLimiter
 from .restart import Restarter, RestartOutcome
-from .scheduler import MAX_PENDING, Scheduler, check_fingerprint
+from .scheduler import MAX_PENDING, MAX_REASON_LEN, Scheduler, check_fingerprint
 from .staging import CertSet, Store, validate_md_name
 from .state import StateFile
 from .text import MAX_TEXT, is_safe, safe
@@ -505,11 +505,15 @@ class Engine:
 
     def _hold(self, batch: dict[str, str], now: float, why: str) -> None:
         """No restart was issued (config test, Apache not running): retry the batch later."""
+        # `why` carries the config test's output: escaped and bounded like LastResult.
+        why = safe(why, MAX_REASON_LEN)
         retry = self.scheduler.hold(batch, now, why)
         first = sorted(batch)[0]
         log.warning(f"restart for {', '.join(sorted(batch))} held back ({why}); retry {retry.attempts} "
                     f"at the latest at {local_iso(retry.at)}; after fixing the cause, retry now with: "
                     f"apache-restart request {first}")
+        for md in sorted(set(batch) - set(self.scheduler.pending)):
+            log.warning(f"{md}: not kept for the retry: {MAX_PENDING} MDs already pending")
 
     @staticmethod
     def _forget(forgotten: list[str]) -> None:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from . import errors
 from .staging import validate_md_name
+from .text import is_safe, safe
 
 STATE_VERSION = 2
 # Version 1 had no `retry`; it is read as "no retry scheduled".
@@ -181,7 +182,8 @@ class Scheduler:
         now = _check_now(now)
         attempts = (self.retry.attempts if self.retry else 0) + 1
         self.restore(batch, now)
-        self.retry = Retry(attempts, now + self.retry_delay(attempts), reason[:MAX_REASON_LEN])
+        # The reason holds command output: kept as it will be shown (escaped, bounded).
+        self.retry = Retry(attempts, now + self.retry_delay(attempts), safe(reason, MAX_REASON_LEN))
         return self.retry
 
     def clear_retry(self) -> None:
@@ -306,8 +308,8 @@ class Scheduler:
                     "retry is malformed")
             attempts = retry["attempts"]
             _expect(type(attempts) is int and 0 < attempts < 10**6, "retry attempts is not a count")
-            _expect(isinstance(retry["reason"], str) and len(retry["reason"]) <= MAX_REASON_LEN,
-                    "retry reason is not a short string")
+            _expect(is_safe(retry["reason"], MAX_REASON_LEN),
+                    "retry reason is not a short printable string")
             _expect(bool(s.pending), "retry scheduled with nothing pending")
             s.retry = Retry(attempts, _time("retry at", retry["at"]), retry["reason"])
         return s

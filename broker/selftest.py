@@ -19,6 +19,7 @@ from typing import Any
 from .errors import BrokerError, NothingStaged
 from .restart import config_test
 from .staging import CertSet, Store, validate_md_name
+from .text import safe
 from .verify import served_certificate
 
 PROBE_TIMEOUT = 5.0
@@ -176,4 +177,7 @@ async def _probe(served: Served, address: str, md: str, active: CertSet | None) 
 
 
 def as_json(steps: Sequence[Step]) -> dict[str, Any]:
-    return {"steps": [asdict(s) for s in steps]}
+    """The reply's content. Every text is escaped here, the one exit: details carry the config
+    test's output, TLS errors and messages about what www-data staged."""
+    return {"steps": [{k: safe(v) if isinstance(v, str) else v for k, v in asdict(s).items()}
+                      for s in steps]}

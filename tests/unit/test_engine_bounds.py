@@ -16,7 +16,7 @@ from broker import state as state_mod
 from broker.engine import MAX_RESULT, Engine
 from broker.errors import BrokerError, RateLimited
 from broker.restart import RestartOutcome
-from broker.scheduler import MAX_FAILED, MAX_PENDING
+from broker.scheduler import MAX_FAILED, MAX_PENDING, MAX_REASON_LEN
 from broker.staging import Store
 from tests import storefactory
 from tests.unit.test_engine import MD, Clock, FakeApache, make_engine
@@ -98,7 +98,15 @@ async def test_hostile_command_output_reaches_no_output_raw(tmp_path, store, cap
     ok, detail, _ = finished[0]
     assert not ok and no_control(detail) and len(detail) <= MAX_RESULT
     assert no_control(engine.last_result) and len(engine.last_result) <= MAX_RESULT
+    # Held back for a retry: its reason (shown by status, kept in the state) is escaped too.
+    retry = (await engine.status())["retry"]
+    assert retry["reason"].startswith("config test failed: a\\x00b\\x1b[2J")
+    assert no_control(retry["reason"]) and len(retry["reason"]) <= MAX_REASON_LEN
     log_lines_are_clean(capsys.readouterr().err)
+    # A new broker takes the state over as it is (nothing in it fails the strict load).
+    again, _ = make_engine(tmp_path, store, Babbling(store), Clock())
+    assert (await again.status())["retry"] == retry and again.last_result == engine.last_result
+    assert not list((tmp_path / "state").glob("state.json.corrupt-*"))
 
 
 # -- the state file ----------------------------------------------------------------------
@@ -140,6 +148,12 @@ def _bad_states() -> dict[str, dict]:
         "last_restart_usec huge": m(lambda d: d.update(last_restart_usec=2**64)),
         "unknown key": m(lambda d: d.update(extra=1)),
         "version 2": m(lambda d: d.update(version=2)),
+        "last_result_usec negative": m(lambda d: d.update(last_result_usec=-1)),
+        "last_result_usec str": m(lambda d: d.update(last_result_usec="5")),
+        "NUL in the retry's reason": m(lambda d: d["scheduler"].update(
+            version=2, retry={"attempts": 1, "at": 2.0, "reason": "config test failed: a\0<0>b"})),
+        "escape in the retry's reason": m(lambda d: d["scheduler"].update(
+            version=2, retry={"attempts": 1, "at": 2.0, "reason": "\x1b]0;owned\x07"})),
     }
 
 

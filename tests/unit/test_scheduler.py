@@ -7,6 +7,7 @@ from broker import errors
 from broker.scheduler import (
     MAX_FAILED,
     MAX_PENDING,
+    MAX_REASON_LEN,
     RETRY_CAP,
     WAIT_INTERVAL,
     WAIT_RETRY,
@@ -340,8 +341,11 @@ def test_valid_v2_fixture_is_accepted():
     lambda r: r.update(at="1"),
     lambda r: r.update(reason=5),
     lambda r: r.update(reason="x" * 10_000),
+    lambda r: r.update(reason="config test failed\0<0>forged"),
+    lambda r: r.update(reason="config test failed: \x1b[2J"),
+    lambda r: r.update(reason="AH00526\nsecond line"),
 ], ids=["no reason", "extra", "zero attempts", "bool attempts", "float attempts", "nan at",
-        "str at", "int reason", "long reason"])
+        "str at", "int reason", "long reason", "nul in reason", "escape in reason", "newline in reason"])
 def test_from_dict_rejects_malformed_retry(change):
     d = _valid_v2()
     change(d["retry"])
@@ -380,6 +384,16 @@ def test_retry_round_trips(s):
     t = Scheduler.from_dict(json.loads(json.dumps(s.to_dict())), SETTLE, MIN_INTERVAL)
     assert t.retry == s.retry and t.pending == s.pending
     assert t.plan(T0 + SETTLE, never) == s.plan(T0 + SETTLE, never)
+
+
+def test_hold_keeps_the_reason_escaped_and_bounded_so_it_round_trips(s):
+    # The reason holds the config test's output, which quotes whatever Apache read.
+    s.add("a", FA, T0)
+    retry = s.hold(s.take_batch(), T0 + SETTLE, "config test failed: \0<0>\x1b[2J" + "x" * 10_000)
+    assert retry.reason.startswith("config test failed: \\x00<0>\\x1b[2J")
+    assert len(retry.reason) <= MAX_REASON_LEN
+    t = Scheduler.from_dict(json.loads(json.dumps(s.to_dict())), SETTLE, MIN_INTERVAL)
+    assert t.retry == retry
 
 
 def test_issued_restart_and_root_end_the_retry(s):
