@@ -5,7 +5,7 @@ import unicodedata
 from hypothesis import given
 from hypothesis import strategies as st
 
-from client.admin import describe_signal, render_status
+from client.admin import describe_signal, render_status, render_steps
 
 HOSTILE = "evil\x1b]0;owned\x07\x1b[2J\x9b31m\u202e\0"
 
@@ -49,20 +49,40 @@ def test_watch_escapes_and_ignores_malformed_signals():
 
 text = st.text(max_size=40)
 usec = st.integers(min_value=0, max_value=2**64 - 1)
-cert = st.fixed_dictionaries({"key_type": text, "serial": text, "not_after_usec": usec})
+cert = st.fixed_dictionaries({"key_type": text, "serial": text, "not_after_usec": usec},
+                             optional={"issuer": text, "sha256": text})
+served = st.fixed_dictionaries({"probe": text}, optional={"error": text, "serial": text, "sha256": text,
+                                                          "not_after_usec": usec})
 md_entry = st.fixed_dictionaries({
     "name": text, "pending": st.booleans(), "failed_before": st.booleans(),
-    "active": st.one_of(st.none(), st.fixed_dictionaries({"certs": st.lists(cert, max_size=3)})),
+    "active": st.one_of(st.none(), st.fixed_dictionaries({"certs": st.lists(cert, max_size=3)},
+                                                         optional={"names": st.lists(text, max_size=3)})),
     "staged": st.one_of(st.none(), st.fixed_dictionaries({"valid": st.just(False), "problem": text}),
                         st.fixed_dictionaries({"valid": st.just(True), "since_usec": usec,
-                                               "certs": st.lists(cert, max_size=3)})),
-}, optional={"active_problem": text})
+                                               "certs": st.lists(cert, max_size=3)},
+                                              optional={"names": st.lists(text, max_size=3)})),
+}, optional={"active_problem": text, "served": st.lists(served, max_size=2)})
+retry = st.one_of(st.none(), st.fixed_dictionaries({"attempts": st.integers(1, 100), "at_usec": usec,
+                                                    "reason": text}))
 
 
 @given(mds=st.lists(md_entry, max_size=4), version=text, store=text, result=text, planned=usec, last=usec,
-       pending=st.booleans())
-def test_status_of_any_text_prints_no_control_character(mds, version, store, result, planned, last, pending):
-    status = {"version": version, "md_store": store, "restarting": False, "mds": mds}
+       pending=st.booleans(), waiting=st.sampled_from(["", "settle", "min_interval", "retry"]), retry=retry,
+       result_at=usec, restarting=st.booleans())
+def test_status_of_any_text_prints_no_control_character(mds, version, store, result, planned, last, pending,
+                                                        waiting, retry, result_at, restarting):
+    status = {"version": version, "md_store": store, "restarting": restarting, "mds": mds,
+              "planned_at_usec": planned, "waiting_for": waiting, "retry": retry,
+              "last_result_usec": result_at}
     props = {"Version": version, "Pending": pending, "PlannedAt": planned, "LastRestart": last,
              "LastResult": result}
     assert clean(render_status(status, props))
+
+
+steps = st.lists(st.fixed_dictionaries({"step": text, "ok": st.booleans(), "detail": text, "fix": text}),
+                 max_size=5)
+
+
+@given(steps=steps)
+def test_test_steps_of_any_text_print_no_control_character(steps):
+    assert clean(render_steps(steps))

@@ -16,7 +16,7 @@ from broker import state as state_mod
 from broker.engine import MAX_RESULT, Engine
 from broker.errors import BrokerError, RateLimited
 from broker.restart import RestartOutcome
-from broker.scheduler import MAX_FAILED, MAX_PENDING, MAX_REASON_LEN
+from broker.scheduler import MAX_FAILED, MAX_PENDING, MAX_REASON_LEN, Retry
 from broker.staging import Store
 from tests import storefactory
 from tests.unit.test_engine import MD, Clock, FakeApache, make_engine
@@ -207,6 +207,7 @@ async def test_state_at_every_bound_is_saved_and_loaded(tmp_path, store, capsys)
     assert len(forgotten) == 50 and len(engine.scheduler.failed) == MAX_FAILED
     engine.last_result = "failed: " + "\U0001f512" * MAX_RESULT  # widest in JSON: 12 bytes each
     engine.last_result = engine.last_result[:MAX_RESULT]
+    engine.scheduler.retry = Retry(999_999, 1.0, "\U0001f512" * MAX_REASON_LEN)  # a held-back restart
     in_progress = {long_name(200_000 + i): FP for i in range(MAX_PENDING)}
     engine._save(in_progress=in_progress)
     err = capsys.readouterr().err
@@ -223,6 +224,7 @@ async def test_state_at_every_bound_is_saved_and_loaded(tmp_path, store, capsys)
     assert len(again.scheduler.pending) == MAX_PENDING  # the interrupted batch found no room
     assert len(again.scheduler.failed) == MAX_FAILED
     assert again.last_result == engine.last_result
+    assert again.scheduler.retry == engine.scheduler.retry
     assert not list((tmp_path / "state").glob("state.json.corrupt-*"))
     assert "not resumed" in capsys.readouterr().err
 
