@@ -7,8 +7,8 @@ import sys
 
 from broker import dbuslib, names
 from broker.dbuslib import Message, MessageType
-from tests import busutil, storefactory
-from tests.busutil import call
+from harness import busutil, storefactory
+from harness.busutil import call
 
 MD = "www.example.test"
 

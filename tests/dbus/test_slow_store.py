@@ -10,8 +10,8 @@ import time
 import pytest
 
 from broker import names
-from tests import busutil, storefactory
-from tests.busutil import call, error_of
+from harness import busutil, storefactory
+from harness.busutil import call, error_of
 
 MD = "www.example.test"
 

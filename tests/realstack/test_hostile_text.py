@@ -16,7 +16,7 @@ import pytest
 
 from broker import names
 from harness.procs import wait_for
-from tests import storefactory
+from harness import storefactory
 from tests.realstack.stack import APACHE_USER, RealStack
 
 pytestmark = pytest.mark.realstack

@@ -18,7 +18,7 @@ from broker.errors import BrokerError, RateLimited
 from broker.restart import RestartOutcome
 from broker.scheduler import MAX_FAILED, MAX_PENDING, MAX_REASON_LEN, Retry
 from broker.staging import Store
-from tests import storefactory
+from harness import storefactory
 from tests.unit.test_engine import MD, Clock, FakeApache, make_engine
 
 OTHER = "other.example.test"

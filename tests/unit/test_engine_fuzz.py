@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from broker.errors import BrokerError
 from broker.restart import RestartOutcome
-from tests import storefactory
+from harness import storefactory
 from tests.unit.test_engine import Clock, make_engine
 
 MD = "www.example.test"
