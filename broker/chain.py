@@ -109,6 +109,7 @@ def verify_chain(anchors: TrustAnchors | None, chain: Sequence[x509.Certificate]
         reason = str(errors[2]) if isinstance(errors, list | tuple) and len(errors) > 2 else "verification failed"
         depth = errors[1] if isinstance(errors, list | tuple) and len(errors) > 1 else None
         where = "the leaf" if depth == 0 else (f"chain certificate {depth}" if isinstance(depth, int) else "the chain")
-        raise StagingInvalid("chain", f"{rel} does not verify to a trust anchor ({where}: {_printable(reason)})") from None
+        raise StagingInvalid(
+            "chain", f"{rel} does not verify to a trust anchor ({where}: {_printable(reason)})") from None
     except (crypto.Error, ValueError, TypeError):
         raise StagingInvalid("chain", f"{rel} does not verify to a trust anchor") from None

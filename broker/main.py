@@ -8,6 +8,7 @@ import sys
 import time
 
 from . import __version__, config, log
+from .chain import TrustAnchors
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -19,7 +20,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def _serve(cfg: config.Config, bus_address: str | None) -> int:
+async def _serve(cfg: config.Config, bus_address: str | None, anchors: TrustAnchors) -> int:
     # Imported here so that --help and config errors need no D-Bus library.
     from . import dbuslib, names
     from .authz import Authorizer
@@ -42,8 +43,8 @@ async def _serve(cfg: config.Config, bus_address: str | None) -> int:
                                      cfg.command_timeout_seconds)
     # One clock for the whole core: the store's validity checks and the plan agree on "now".
     clock = time.time
-    engine = Engine(cfg, Store(cfg.md_store, clock=clock), restarter, StateFile(cfg.state_dir),
-                    clock=clock)
+    store = Store(cfg.md_store, clock=clock, anchors=anchors)
+    engine = Engine(cfg, store, restarter, StateFile(cfg.state_dir), clock=clock)
     service = ApacheRestartService(bus, engine, Authorizer(bus, cfg.polkit_timeout_seconds,
                                                            cfg.allow_interactive_authorization),
                                    cfg.max_in_flight)
@@ -107,13 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         cfg = config.load(args.config)
+        # Read once: a file that cannot be read stops the start, not every later check.
+        anchors = TrustAnchors.load(cfg.trust_anchors)
     except config.ConfigError as e:
         log.err(f"configuration: {e}")
         return 2
     if os.geteuid() != 0:
         log.warning("not running as root: restarting Apache and reading its store will likely fail")
     try:
-        return asyncio.run(_serve(cfg, args.bus_address))
+        return asyncio.run(_serve(cfg, args.bus_address, anchors))
     except KeyboardInterrupt:
         return 130
     except Exception as e:

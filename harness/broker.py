@@ -142,6 +142,7 @@ class BrokerHarness:
         self.state_dir = self.dir / "state"
         self.graceful_log = self.dir / "gracefuls.log"
         self.graceful_script = self.dir / "graceful-counter"
+        self.trust_anchors = self.dir / "trust-anchors.pem"
         self.watcher: BusWatcher | None = None
 
     # -- configuration -------------------------------------------------------------------------
@@ -173,6 +174,8 @@ class BrokerHarness:
             "probe": [self.stack.https_address] if o.probe else [],
             "state_dir": str(self.state_dir),
             "command_timeout_seconds": 30.0,
+            # pebble's root (new at each start) and intermediate: what its chains verify to.
+            "trust_anchors": [str(self.trust_anchors)],
         }
         values.update(o.extra)
         return values
@@ -184,6 +187,10 @@ class BrokerHarness:
             write_file(self.graceful_log, "")
             script = GRACEFUL_COUNTER.format(log=shlex.quote(str(self.graceful_log)))
             write_file(self.graceful_script, script, mode=0o755)
+        pebble = self.stack.pebble
+        if pebble is None:
+            raise HarnessError("the broker's trust anchors are pebble's roots (start pebble first)")
+        write_file(self.trust_anchors, pebble.root_pem() + b"\n" + pebble.intermediate_pem())
         return write_file(self.config_path, render_toml(self.config_values()))
 
     # -- the process ---------------------------------------------------------------------------

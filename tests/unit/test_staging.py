@@ -185,7 +185,6 @@ def test_bad_privkey_specs(store: Path, privkey) -> None:
     lambda o: o.pop("domains"),
     lambda o: o.update(domains=[]),
     lambda o: o.update(domains="example.org"),
-    lambda o: o.update(domains=[MD, 5]),
 ])
 def test_bad_md_json(store: Path, mutate) -> None:
     sf.add_staged(store, MD)
