@@ -36,7 +36,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Self
 
@@ -134,7 +134,7 @@ def validate_md_name(name: str) -> None:
                 "labels of the MD name may hold only a-z, 0-9 and '-', not at their start or end")
 
 
-def name_covered(name: str, sans: tuple[str, ...] | list[str] | set[str]) -> bool:
+def name_covered(name: str, sans: Container[str]) -> bool:
     """Whether a certificate with these DNS subjectAltNames (lower case) covers `name`.
 
     As TLS does it: an exact match, or a SAN "*.<rest>" for a name of exactly one more,

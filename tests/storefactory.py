@@ -122,9 +122,10 @@ class CA:
 
 
 def make_ca(common_name: str = "storefactory test CA", *,
+            not_before: datetime.datetime | float | None = None,
             not_after: datetime.datetime | float | None = None,
             issuer: CA | None = None, is_ca: bool = True) -> CA:
-    """A CA with an EC P-256 key, valid from a year ago for ten years (or until `not_after`):
+    """A CA with an EC P-256 key, valid from a year ago (or `not_before`) for ten years (or until `not_after`):
     self-signed, or an intermediate signed by `issuer`; `is_ca=False` makes a certificate that
     claims no CA rights (basicConstraints CA:FALSE) but signs anyway."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -136,7 +137,7 @@ def make_ca(common_name: str = "storefactory test CA", *,
         .issuer_name(issuer.cert.subject if issuer else subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=365))
+        .not_valid_before(_utc(not_before, now - datetime.timedelta(days=365)))
         .not_valid_after(_utc(not_after, now + datetime.timedelta(days=3650)))
         .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
         .add_extension(

@@ -154,6 +154,16 @@ def test_chain_is_verified_at_the_stores_clock(store: Path) -> None:
     assert "expired" in err.message
 
 
+def test_intermediate_not_yet_valid_is_refused(store: Path) -> None:
+    now = time.time()
+    root = sf.make_ca("test root")
+    inter = sf.make_ca("future intermediate", issuer=root, not_before=now + DAY)
+    sf.add_staged(store, MD, ca=inter)
+    err = refused(store, "chain", anchors=sf.anchors(root), clock=lambda: now)
+    assert "chain certificate 1" in err.message and "not yet valid" in err.message
+    accepted(store, anchors=sf.anchors(root), clock=lambda: now + 2 * DAY)
+
+
 def test_trust_anchor_files_are_loaded_once_with_named_errors(tmp_path: Path) -> None:
     good = sf.ca_file(tmp_path)
     assert len(TrustAnchors.load([str(good)]).certs) == 1
@@ -251,7 +261,8 @@ def test_mod_md_s_encryption_as_storefactory_writes_it(store: Path) -> None:
     data = (store / "staging" / MD / "privkey.secp384r1.pem").read_bytes()
     assert data.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
     key = serialization.load_pem_private_key(data, sf.store_passphrase(store))
-    assert key.public_key() == sf.leaf_key("secp384r1").public_key()
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert key.public_key().public_bytes(*spki) == sf.leaf_key("secp384r1").public_key().public_bytes(*spki)
     assert accepted(store).md == MD
 
 
