@@ -174,7 +174,8 @@ class BrokerHarness:
             "probe": [self.stack.https_address] if o.probe else [],
             "state_dir": str(self.state_dir),
             "command_timeout_seconds": 30.0,
-            # pebble's root (new at each start) and intermediate: what its chains verify to.
+            # pebble's root alone (new at each start): its chains must verify up to it through
+            # the intermediate that mod_md stages with the leaf.
             "trust_anchors": [str(self.trust_anchors)],
         }
         values.update(o.extra)
@@ -190,7 +191,7 @@ class BrokerHarness:
         pebble = self.stack.pebble
         if pebble is None:
             raise HarnessError("the broker's trust anchors are pebble's roots (start pebble first)")
-        write_file(self.trust_anchors, pebble.root_pem() + b"\n" + pebble.intermediate_pem())
+        write_file(self.trust_anchors, pebble.root_pem())
         return write_file(self.config_path, render_toml(self.config_values()))
 
     # -- the process ---------------------------------------------------------------------------
