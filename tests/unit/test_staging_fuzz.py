@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
@@ -41,8 +43,11 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
+from broker.config import from_mapping
+from broker.engine import Engine
 from broker.errors import BrokerError, InvalidName, NothingStaged, StagingInvalid
 from broker.staging import MAX_JSON_BYTES, MAX_NAME_LEN, MAX_PEM_BYTES, CertSet, Store, validate_md_name
+from broker.state import StateFile
 from tests import storefactory as sf
 
 MD = "example.org"
@@ -851,6 +856,20 @@ _ANY_BYTES = st.one_of(
 _ESCAPE_NAME = json.dumps(sf.md_json(MD, [MD, "www.example.org\x1b[2J"])).encode()
 
 
+def _write_bytes(ws: Workspace, writes: list[tuple[str, tuple[str, Any]]]) -> None:
+    for rel, (op, arg) in writes:
+        path = ws.store / rel
+        if not path.parent.is_dir():
+            continue
+        original = path.read_bytes() if path.is_file() else b""
+        if op == "replace":
+            content = arg
+        else:
+            pos = len(original) * arg[0] // 1000
+            content = original[:pos] + arg[1] + original[pos + len(arg[1]):]
+        path.write_bytes(content)
+
+
 @fuzz_settings(300)
 @given(key_types=st.sampled_from(KEY_TYPE_SETS), with_active=st.booleans(),
        writes=st.lists(st.tuples(_ANY_FILE, _ANY_BYTES), min_size=1, max_size=3))
@@ -862,21 +881,73 @@ def test_any_bytes_in_any_file_give_a_contract_error_or_a_set(
     """Whatever www-data (or a broken root file) puts in a file of the store, check_staged answers
     with a BrokerError whose message is printable, or with a CertSet; never anything else."""
     with workspace(material.templates[(key_types, with_active)]) as ws:
-        for rel, (op, arg) in writes:
-            path = ws.store / rel
-            if not path.parent.is_dir():
-                continue
-            original = path.read_bytes() if path.is_file() else b""
-            if op == "replace":
-                content = arg
-            else:
-                pos = len(original) * arg[0] // 1000
-                content = original[:pos] + arg[1] + original[pos + len(arg[1]):]
-            path.write_bytes(content)
+        _write_bytes(ws, writes)
         out = call("check_staged", lambda: Store(str(ws.store), anchors=ANCHORS).check_staged(MD))
         if out.error is not None:
             assert isinstance(out.error, BrokerError), f"unexpected {type(out.error).__name__}: {out.error!r}"
             assert out.error.message.isprintable(), f"control character in {out.error.message!r}"
         else:
             assert isinstance(out.value, CertSet)
+            # What an accepted set carries on to status, logs and signals.
+            for text in _strings(dataclasses.asdict(out.value)):
+                assert text.isprintable(), f"control character in {text!r}"
         assert_clean(ws, out, (NothingStaged, StagingInvalid))
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON-like value, keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _strings(v)
+
+
+class _NoRestart:
+    """The engine's restarter; these examples only request and ask for status."""
+
+    restarts = 0
+
+    async def restart(self) -> Any:
+        raise AssertionError("no restart is run here")
+
+
+@fuzz_settings(150)
+@given(key_types=st.sampled_from(KEY_TYPE_SETS), with_active=st.booleans(),
+       writes=st.lists(st.tuples(_ANY_FILE, _ANY_BYTES), min_size=1, max_size=3))
+@example(key_types=("rsa",), with_active=False, writes=[(f"domains/{MD}/md.json", ("replace", _ESCAPE_NAME))])
+@example(key_types=("rsa",), with_active=True, writes=[(f"staging/{MD}/md.json", ("replace", _ESCAPE_NAME))])
+@example(key_types=("rsa",), with_active=True, writes=[])
+def test_any_bytes_through_the_engine_give_a_contract_error_or_a_schedule(
+        material: Material, key_types: tuple[str, ...], with_active: bool,
+        writes: list[tuple[str, tuple[str, Any]]]) -> None:
+    """The core as the D-Bus layer drives it: a request for the MD is either scheduled or refused
+    with a contract error; the log, the properties and the status document (what GetStatus and
+    `apache-restart status` show) hold no control character; a refusal schedules nothing."""
+    with workspace(material.templates[(key_types, with_active)]) as ws:
+        _write_bytes(ws, writes)
+        config = from_mapping({"md_store": str(ws.store), "state_dir": str(ws.root / "state"),
+                               "settle_seconds": 10, "min_interval_seconds": 60})
+        engine = Engine(config, Store(str(ws.store), anchors=ANCHORS), _NoRestart(),
+                        StateFile(str(ws.root / "state")))
+        log = io.StringIO()
+        with contextlib.redirect_stderr(log), hang_guard():
+            try:
+                planned = engine.request(MD, caller_uid=33)
+            except BrokerError as e:
+                assert type(e) in (NothingStaged, StagingInvalid), f"unexpected {type(e).__name__}: {e!r}"
+                assert e.message.isprintable() and str(ws.root) not in e.message, e.message
+                assert not engine.pending
+                event("refused")
+            else:
+                assert isinstance(planned, int) and engine.pending and engine.planned_at_usec == planned
+                event("scheduled")
+            status = engine.status()
+            engine.check_all()
+        json.dumps(status)
+        for text in [*_strings(status), *_strings(engine.properties()), *log.getvalue().splitlines()]:
+            assert text.isprintable(), f"control character in {text!r}"
