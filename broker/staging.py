@@ -729,13 +729,14 @@ class Store:
 
     def managed_names(self, md: str) -> tuple[str, ...] | None:
         """`md`'s names from the root-owned domains/<md>/md.json; None when it has none, i.e.
-        this Apache does not manage the MD (mod_md writes it at every start)."""
+        this Apache does not manage the MD (mod_md writes it at every start). The same test
+        as check_staged's, so that the self-test and a request agree."""
         validate_md_name(md)
         with _Fds() as fds:
             root = self._open_root(fds)
             if root is None:
                 return None
-            mdj = self._md_json(self._md_dir(fds, root, "domains", md), "domains", md)
+            mdj = self._managed_md_json(fds, root, md)
             return None if mdj is None else tuple(mdj.names)
 
     def list_mds(self) -> list[str]:

@@ -71,6 +71,8 @@ def test_domains_md_json_must_be_a_root_owned_file(store: Path, tmp_path: Path, 
         managed.unlink()
         managed.mkdir()
     refused(store, "not-managed")
+    # The self-test's "managed" step asks the same question and gets the same answer.
+    assert Store(str(store)).managed_names(MD) is None
 
 
 def test_names_and_key_types_come_from_domains_never_from_staging(store: Path) -> None:
