@@ -329,3 +329,16 @@ def test_fast_domain_check_at_the_length_limit() -> None:
     assert len(name) == 253 and _valid_domain(name) and _slow_valid_domain(name)
     assert not _valid_domain(name + "b") and not _slow_valid_domain(name + "b")
     assert not _valid_domain("a" * 64 + ".org") and _valid_domain("a" * 63 + ".org")
+
+
+@pytest.mark.parametrize("swap", ["another key", "another passphrase"])
+def test_refusals_about_keys_carry_nothing_of_the_key_or_the_store_key(store: Path, swap: str) -> None:
+    sf.add_staged(store, MD)
+    passphrase = sf.store_passphrase(store)
+    key = sf.new_key("rsa")
+    pem = sf.key_pem(key, passphrase if swap == "another key" else b"not the store key")
+    (store / "staging" / MD / "privkey.pem").write_bytes(pem)
+    err = refused(store, "key-mismatch" if swap == "another key" else "key-decrypt")
+    secrets = [base64.b64encode(passphrase).decode(), base64.urlsafe_b64encode(passphrase).decode().rstrip("="),
+               *(line.decode() for line in pem.splitlines()[1:-1])]
+    assert not any(s in err.message for s in secrets), err.message
