@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from broker.errors import BrokerError
@@ -135,6 +136,13 @@ def build(store: Path) -> tuple[dict[str, str], list[sf.CA]]:
     m = md("mismatched-key")
     sf.add_staged(store, m, [m])
     (staged_dir(m) / "privkey.pem").write_bytes(sf.key_pem(sf.new_key("secp256r1"), passphrase))
+
+    # A big RSA key in place of the leaf's: read, never validated (cryptography 38's loader
+    # would spend about half a second on an RSA-4096 key's primes, and 7 s on RSA-8192's).
+    m = md("rsa-4096-key")
+    sf.add_staged(store, m, [m])
+    big = rsa.generate_private_key(public_exponent=65537, key_size=4096)
+    (staged_dir(m) / "privkey.pem").write_bytes(sf.key_pem(big, passphrase))
 
     m = md("pem-too-large")
     sf.add_staged(store, m, [m])

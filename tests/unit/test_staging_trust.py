@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -342,3 +343,48 @@ def test_refusals_about_keys_carry_nothing_of_the_key_or_the_store_key(store: Pa
     secrets = [base64.b64encode(passphrase).decode(), base64.urlsafe_b64encode(passphrase).decode().rstrip("="),
                *(line.decode() for line in pem.splitlines()[1:-1])]
     assert not any(s in err.message for s in secrets), err.message
+
+
+_ASCII_STORE_KEY = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKL"   # 48 bytes openssl can take
+
+
+@pytest.mark.parametrize("args", [
+    ("-v2", "aes-256-cbc"),                                     # what mod_md writes
+    ("-v2", "aes-128-cbc", "-v2prf", "hmacWithSHA1"),
+    ("-v2", "aes-192-cbc", "-v2prf", "hmacWithSHA512", "-iter", str(MAX_KDF_ITERATIONS)),
+])
+def test_pbes2_keys_as_openssl_writes_them_decrypt_and_match(store: Path, args) -> None:
+    """The decryption reads PBES2's parameters as OpenSSL writes them (a store key that openssl's
+    command line can take, so that openssl itself encrypts)."""
+    sf.add_staged(store, MD)
+    (store / "md_store.json").write_text(json.dumps(
+        {"store": {"version": 3}, "key": base64.urlsafe_b64encode(_ASCII_STORE_KEY).decode().rstrip("=")}))
+    pem = subprocess.run(["openssl", "pkcs8", "-topk8", "-passout", "pass:" + _ASCII_STORE_KEY.decode(), *args],
+                         input=sf.key_pem(sf.leaf_key("rsa")), capture_output=True, check=True).stdout
+    (store / "staging" / MD / "privkey.pem").write_bytes(pem)
+    assert accepted(store).md == MD
+    (store / "md_store.json").write_text(json.dumps(
+        {"key": base64.urlsafe_b64encode(_ASCII_STORE_KEY[::-1]).decode()}))
+    refused(store, "key-decrypt")
+
+
+def test_a_check_needs_no_writable_executable_memory(tmp_path: Path) -> None:
+    """The unit sets MemoryDenyWriteExecute=yes; pyOpenSSL's loader of encrypted keys needed a
+    cffi callback there (MemoryError: every check answered Internal). The same kernel rule here:
+    prctl(PR_SET_MDWE) in a child before the check."""
+    script = (
+        "import ctypes, sys, tempfile\n"
+        "from pathlib import Path\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "if libc.prctl(65, 1, 0, 0, 0) != 0:\n"   # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+        "    sys.exit(f'PR_SET_MDWE failed: errno {ctypes.get_errno()} (Linux 6.3 or later needed)')\n"
+        "from broker.staging import Store\n"
+        "from tests import storefactory as sf\n"
+        "store = sf.make_store(Path(sys.argv[1]))\n"
+        "sf.add_staged(store, 'example.org', key_types=('rsa', 'secp256r1'))\n"
+        "print(Store(str(store), anchors=sf.anchors()).check_staged('example.org').md)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == "example.org\n"
