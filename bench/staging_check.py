@@ -8,8 +8,9 @@ broker/privkey.py. Then it runs `Store.check_staged` on each set `--runs` times,
 interleaved (so that drifts of a shared machine hit all alike), and prints per case the
 outcome (accepted, or the check that refused it), the median and the maximum CPU time of one
 check (this process's time.process_time: the check is single-threaded and blocks nothing but
-itself) and the ratio of the median to the normal set's. The setup (making keys and
-certificates) is not measured. Run it as root like the test suite: the broker trusts
+itself) and the ratio of the median to the normal set's. "normal+bundle" is the normal set
+checked with Debian's CA bundle (the default trust_anchors) beside the test CAs. The setup
+(making keys and certificates) is not measured. Run it as root like the test suite: the broker trusts
 domains/<md>/md.json only when root owns it.
 
 A check must cost a few milliseconds whatever www-data writes: the 29,000-name leaf once cost
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import json
 import os
 import shutil
@@ -35,10 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from broker.chain import TrustAnchors
 from broker.errors import BrokerError
 from broker.privkey import MAX_KDF_ITERATIONS
 from broker.staging import MAX_CHAIN_CERTS, MAX_JSON_BYTES, MAX_MD_DOMAINS, MAX_SANS, Store
 from tests import storefactory as sf
+
+SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
 
 def _kdf_pem(pem: bytes, rounds: int) -> bytes:
     """`pem` with its PBKDF2 count (OpenSSL's default, 2048) replaced by `rounds` (at most
@@ -152,20 +158,20 @@ def build(store: Path) -> tuple[dict[str, str], list[sf.CA]]:
     return cases, [sf.default_ca(), root]
 
 
-def measure(check: Callable[[str], object], cases: dict[str, str], runs: int) -> dict[str, tuple[str, list[float]]]:
-    times: dict[str, list[float]] = {case: [] for case in cases}
+def measure(checks: dict[str, Callable[[], object]], runs: int) -> dict[str, tuple[str, list[float]]]:
+    times: dict[str, list[float]] = {case: [] for case in checks}
     outcome: dict[str, str] = {}
     for _ in range(runs):
-        for case, md in cases.items():
+        for case, check in checks.items():
             t0 = time.process_time()
             try:
-                check(md)
+                check()
                 result = "accepted"
             except BrokerError as e:
                 result = f"{type(e).__name__}: {getattr(e, 'check', '') or e.message}"
             times[case].append(time.process_time() - t0)
             outcome[case] = result
-    return {case: (outcome[case], times[case]) for case in cases}
+    return {case: (outcome[case], times[case]) for case in checks}
 
 
 def main() -> int:
@@ -179,8 +185,16 @@ def main() -> int:
     try:
         store = sf.make_store(folder)
         cases, cas = build(store)
-        check = Store(str(store), anchors=sf.anchors(*cas)).check_staged
-        results = measure(check, cases, args.runs)
+        anchors = sf.anchors(*cas)
+        store_view = Store(str(store), anchors=anchors)
+        checks: dict[str, Callable[[], object]] = {
+            case: functools.partial(store_view.check_staged, md) for case, md in cases.items()}
+        # The default trust_anchors, Debian's bundle, beside the test CAs: what anchors cost.
+        if os.path.exists(SYSTEM_BUNDLE):
+            with_bundle = TrustAnchors(TrustAnchors.load([SYSTEM_BUNDLE]).certs + anchors.certs, ())
+            checks["normal+bundle"] = functools.partial(
+                Store(str(store), anchors=with_bundle).check_staged, cases["normal"])
+        results = measure(checks, args.runs)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     base = statistics.median(results["normal"][1])
