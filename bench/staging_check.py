@@ -41,7 +41,7 @@ from broker.chain import TrustAnchors
 from broker.errors import BrokerError
 from broker.privkey import MAX_KDF_ITERATIONS
 from broker.staging import MAX_CHAIN_CERTS, MAX_JSON_BYTES, MAX_MD_DOMAINS, MAX_SANS, Store
-from tests import storefactory as sf
+from harness import storefactory as sf
 
 SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 

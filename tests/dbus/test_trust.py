@@ -7,8 +7,8 @@ import time
 import pytest
 
 from broker import dbuslib, names
-from tests import storefactory
-from tests.busutil import call, error_of, get_property
+from harness import storefactory
+from harness.busutil import call, error_of, get_property
 
 MD = "www.example.test"
 

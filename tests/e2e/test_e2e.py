@@ -31,7 +31,7 @@ from broker.chain import TrustAnchors
 from broker.errors import StagingInvalid
 from broker.staging import Store
 from harness.procs import wait_for
-from tests import storefactory
+from harness import storefactory
 
 pytestmark = pytest.mark.e2e
 

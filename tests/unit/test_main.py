@@ -8,7 +8,7 @@ import pytest
 
 import broker
 from broker import config, main
-from tests import storefactory
+from harness import storefactory
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -20,7 +20,7 @@ from broker.chain import TrustAnchors
 from broker.errors import ConfigError, InvalidName, NothingStaged, StagingInvalid
 from broker.privkey import MAX_KDF_ITERATIONS
 from broker.staging import MAX_SANS, Store, _valid_domain, validate_md_name
-from tests import storefactory as sf
+from harness import storefactory as sf
 
 MD = "example.org"
 DAY = 86400.0
@@ -379,7 +379,7 @@ def test_a_check_needs_no_writable_executable_memory(tmp_path: Path) -> None:
         "if libc.prctl(65, 1, 0, 0, 0) != 0:\n"   # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
         "    sys.exit(f'PR_SET_MDWE failed: errno {ctypes.get_errno()} (Linux 6.3 or later needed)')\n"
         "from broker.staging import Store\n"
-        "from tests import storefactory as sf\n"
+        "from harness import storefactory as sf\n"
         "store = sf.make_store(Path(sys.argv[1]))\n"
         "sf.add_staged(store, 'example.org', key_types=('rsa', 'secp256r1'))\n"
         "print(Store(str(store), anchors=sf.anchors()).check_staged('example.org').md)\n"
