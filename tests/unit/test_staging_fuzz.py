@@ -18,6 +18,7 @@ The example-based cases live in test_staging.py.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -935,9 +936,10 @@ def test_any_bytes_through_the_engine_give_a_contract_error_or_a_schedule(
         engine = Engine(config, Store(str(ws.store), anchors=ANCHORS), _NoRestart(),
                         StateFile(str(ws.root / "state")))
         log = io.StringIO()
-        with contextlib.redirect_stderr(log), hang_guard():
+
+        async def drive() -> dict[str, Any]:
             try:
-                planned = engine.request(MD, caller_uid=33)
+                planned = await engine.request(MD, caller_uid=33)
             except BrokerError as e:
                 assert type(e) in (NothingStaged, StagingInvalid), f"unexpected {type(e).__name__}: {e!r}"
                 assert e.message.isprintable() and str(ws.root) not in e.message, e.message
@@ -946,8 +948,11 @@ def test_any_bytes_through_the_engine_give_a_contract_error_or_a_schedule(
             else:
                 assert isinstance(planned, int) and engine.pending and engine.planned_at_usec == planned
                 event("scheduled")
-            status = engine.status()
-            engine.check_all()
+            await engine.check_all()
+            return await engine.status()
+
+        with contextlib.redirect_stderr(log), hang_guard():
+            status = asyncio.run(drive())
         json.dumps(status)
         for text in [*_strings(status), *_strings(engine.properties()), *log.getvalue().splitlines()]:
             assert text.isprintable(), f"control character in {text!r}"
