@@ -83,6 +83,7 @@ class Stack:
                 "verify_timeout_seconds": 1,
                 "probe": [],
                 "state_dir": str(self.dir / "state"),
+                "trust_anchors": [str(storefactory.ca_file(self.dir))],
                 "rate_burst": 100000,          # the most the config allows: every run makes the same call
                 "rate_per_second": 10000,
             })
