@@ -92,7 +92,10 @@ class Stack:
                 busutil.broker_command(config, self.address), env=busutil.broker_env(),
                                       stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
             self.procs.append(broker)
-            await busutil.wait_for_name(probe, names.BUS_NAME, proc=broker)
+            try:
+                await busutil.wait_for_name(probe, names.BUS_NAME, proc=broker)
+            except RuntimeError as e:  # say why, not only that it exited
+                raise SystemExit(f"{e}:\n{(self.dir / 'broker.log').read_text(errors='replace')}") from None
         finally:
             probe.disconnect()
 
