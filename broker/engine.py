@@ -26,6 +26,10 @@ from .verify import Verdict, verify_activation
 
 # How often job.json is looked at while a settle window is open: it decides an early end.
 JOB_POLL_SECONDS = 0.25
+# mod_md writes "notified-renewed" a few milliseconds after the hook got its answer, and the
+# restart waits for it: right after a request job.json is looked at this often, then less and
+# less often, down to JOB_POLL_SECONDS (a quarter of the time since the request).
+JOB_POLL_FIRST_SECONDS = 0.01
 # Once every MD of the window shows mod_md's "notified-renewed", the window still waits this
 # long with no other renewal under way before it ends early, when another managed MD is due
 # for renewal too. mod_md renews MDs one after another: the next MD's job starts a moment
@@ -38,6 +42,13 @@ Verifier = Callable[[Store, Mapping[str, CertSet], Sequence[str], float], Awaita
 
 def _usec(t: float) -> int:
     return max(0, int(round(t * 1_000_000)))
+
+
+def job_poll_seconds(since_request: float) -> float:
+    """How long the restart loop waits before it looks at job.json again."""
+    if since_request < 0:  # the wall clock stepped back: nothing tells how recent the request is
+        return JOB_POLL_SECONDS
+    return min(JOB_POLL_SECONDS, max(JOB_POLL_FIRST_SECONDS, since_request / 4))
 
 
 class Engine:
@@ -68,6 +79,7 @@ class Engine:
         self._wakeup = asyncio.Event()
         self._settled_since: float | None = None
         self._quiet_needed = True
+        self._requested_at = float("-inf")
         self._load_state()
         self._announced = self.properties()
 
@@ -198,6 +210,7 @@ class Engine:
             log.info(f"{md}: restart requested for staged serial "
                      f"{', '.join(c.serial for c in staged.certs)}"
                      + (" (root retries a set that failed before)" if was_failed else ""))
+        self._requested_at = now
         planned_at = self._planned_at(now)
         self._save()
         self._announce()
@@ -279,7 +292,8 @@ class Engine:
                 # requests may arrive.
                 self._wakeup.clear()
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), min(delay, JOB_POLL_SECONDS))
+                    await asyncio.wait_for(self._wakeup.wait(),
+                                           min(delay, job_poll_seconds(self.clock() - self._requested_at)))
                 except TimeoutError:
                     pass
                 continue

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from broker.config import from_mapping
-from broker.engine import Engine
+from broker.engine import JOB_POLL_FIRST_SECONDS, JOB_POLL_SECONDS, Engine, job_poll_seconds
 from broker.errors import AlreadyFailed, NothingStaged, RateLimited, StagingInvalid
 from broker.restart import RestartOutcome
 from broker.staging import Store
@@ -246,3 +246,51 @@ async def test_no_quiet_wait_when_no_other_md_is_due(tmp_path, store):
     assert engine2.planned_at_usec > int(clock.t * 1_000_000)
     clock.t += 1.5
     assert engine2.planned_at_usec <= int(clock.t * 1_000_000)
+
+
+async def _until(condition, timeout=5.0):
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+async def test_job_json_is_looked_at_often_right_after_a_request(tmp_path, store, monkeypatch):
+    # mod_md writes "notified-renewed" milliseconds after the hook's answer; a fixed
+    # quarter-second poll made every renewal wait 0.125 s on average for it to be seen.
+    storefactory.add_staged(store, MD, [MD], job={"notified-renewed": False})
+    clock = Clock()
+    apache = FakeApache(store)
+    engine, finished = make_engine(tmp_path, store, apache, clock, settle_seconds=3600)
+    waits: list[float] = []
+    real_wait_for = asyncio.wait_for
+
+    async def recording_wait_for(awaitable, timeout):
+        waits.append(timeout)
+        return await real_wait_for(awaitable, timeout)
+
+    monkeypatch.setattr(asyncio, "wait_for", recording_wait_for)
+    engine.request(MD, caller_uid=33)
+    runner = asyncio.ensure_future(engine.run())
+    try:
+        await _until(lambda: len(waits) >= 3)
+        assert waits[:3] == [JOB_POLL_FIRST_SECONDS] * 3, waits
+        # A window that lasts is not polled busily: the interval grows back to the slow one.
+        clock.t += 2
+        seen = len(waits)
+        await _until(lambda: len(waits) > seen + 1)
+        assert waits[-1] == JOB_POLL_SECONDS, waits
+        storefactory.write_job(store, MD, {"notified-renewed": True})
+        await _until(lambda: finished)
+    finally:
+        runner.cancel()
+    assert apache.restarts == 1 and finished[0][0] is True
+
+
+def test_job_poll_interval_grows_with_the_time_since_the_request():
+    assert job_poll_seconds(0.0) == JOB_POLL_FIRST_SECONDS
+    assert JOB_POLL_FIRST_SECONDS < job_poll_seconds(0.2) < JOB_POLL_SECONDS
+    assert job_poll_seconds(5.0) == JOB_POLL_SECONDS
+    assert job_poll_seconds(float("inf")) == JOB_POLL_SECONDS  # no request yet (pending work restored)
+    assert job_poll_seconds(-30.0) == JOB_POLL_SECONDS  # the wall clock stepped back
