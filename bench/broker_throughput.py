@@ -24,7 +24,9 @@ from client connections of this process:
                              connections (what a local user can do; the test tier does it
                              too), each timed from its own send to its answer, which is
                              mostly RateLimited (max_in_flight): p50, p99 and max per round,
-                             median over rounds, and how the answers split
+                             median over rounds, and how the answers split; and the CPU
+                             time the broker spent on it, which load from other processes
+                             on the machine inflates far less than the latencies
 
 and prints one table with both libraries and the ratio dbus_next / dbus_fast per figure,
 plus "request / Properties.Get" per library: what authorization and the staging checks cost
@@ -156,6 +158,12 @@ class Stack:
         except FileNotFoundError:
             return []
 
+    def cpu_seconds(self) -> float:
+        """CPU time the broker process has used (user + system)."""
+        with open(f"/proc/{self.broker.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def memory_kib(self) -> dict[str, int]:
         out = {}
         with open(f"/proc/{self.broker.pid}/status") as f:
@@ -223,9 +231,9 @@ async def load(stack: Stack, kind: str, total: int) -> float:
     return total / (time.perf_counter() - start)
 
 
-async def flood(stack: Stack, total: int) -> tuple[list[float], dict[str, int]]:
+async def flood(stack: Stack, total: int) -> tuple[list[float], dict[str, int], float]:
     """`total` calls sent at once, round robin over the flood connections: each one's time
-    from its send to its answer, and how many got which answer."""
+    from its send to its answer, how many got which answer, and the broker's CPU seconds."""
     member, signature, body, kw = request_msg()
     answers: dict[str, int] = {}
 
@@ -239,8 +247,9 @@ async def flood(stack: Stack, total: int) -> tuple[list[float], dict[str, int]]:
         return took
 
     conns = stack.flooders
+    cpu = stack.cpu_seconds()
     times = await asyncio.gather(*(timed(conns[i % len(conns)]) for i in range(total)))
-    return list(times), answers
+    return list(times), answers, stack.cpu_seconds() - cpu
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -277,7 +286,7 @@ async def run(args: argparse.Namespace, stacks: dict[str, Stack]) -> dict[str, d
     per_round = max(1, math.ceil(args.calls / args.rounds))
     lat: dict[str, dict[str, list[float]]] = {lib: {k: [] for k in CALLS} for lib in stacks}
     rate: dict[str, dict[str, list[float]]] = {lib: {k: [] for k in CALLS} for lib in stacks}
-    floods: dict[str, list[tuple[list[float], dict[str, int]]]] = {lib: [] for lib in stacks}
+    floods: dict[str, list[tuple[list[float], dict[str, int], float]]] = {lib: [] for lib in stacks}
     for r in range(args.rounds):
         if not args.flood_only:
             order = own if r % 2 == 0 else list(reversed(own))
@@ -313,17 +322,18 @@ async def run(args: argparse.Namespace, stacks: dict[str, Stack]) -> dict[str, d
         if floods[lib]:
             rounds = floods[lib]
             res.update({
-                "flood_p50": statistics.median(percentile(t, 0.50) for t, _ in rounds) * 1000,
-                "flood_p99": statistics.median(percentile(t, 0.99) for t, _ in rounds) * 1000,
-                "flood_max": statistics.median(max(t) for t, _ in rounds) * 1000,
-                "flood_p99_worst": max(percentile(t, 0.99) for t, _ in rounds) * 1000,
+                "flood_p50": statistics.median(percentile(t, 0.50) for t, _, _ in rounds) * 1000,
+                "flood_p99": statistics.median(percentile(t, 0.99) for t, _, _ in rounds) * 1000,
+                "flood_max": statistics.median(max(t) for t, _, _ in rounds) * 1000,
+                "flood_p99_worst": max(percentile(t, 0.99) for t, _, _ in rounds) * 1000,
+                "flood_cpu": statistics.median(cpu for _, _, cpu in rounds) * 1000,
             })
             answers: dict[str, int] = {}
-            for _, counts in rounds:
+            for _, counts, _ in rounds:
                 for key, n in counts.items():
                     answers[key] = answers.get(key, 0) + n
             res["flood_answers"] = answers  # type: ignore[assignment]
-            res["flood_p99_rounds"] = [percentile(t, 0.99) * 1000 for t, _ in rounds]  # type: ignore[assignment]
+            res["flood_p99_rounds"] = [percentile(t, 0.99) * 1000 for t, _, _ in rounds]  # type: ignore[assignment]
         results[lib] = res
         if s.restarts_run():
             raise RuntimeError(f"{lib}: a restart ran during the bench: {s.restarts_run()}")
@@ -371,12 +381,14 @@ def report(args: argparse.Namespace, res: dict[str, dict[str, float]]) -> None:
     cols = [lib for lib in LIBS] + [lib + BASELINE for lib in LIBS if lib + BASELINE in res]
     print(f"{'figure':<{width}} " + " ".join(f"{c:>18}" for c in cols))
     for label, key in (("p50", "flood_p50"), ("p99", "flood_p99"), ("max", "flood_max"),
-                       ("p99, worst round", "flood_p99_worst")):
+                       ("p99, worst round", "flood_p99_worst"),
+                       ("broker CPU ms per flood", "flood_cpu")):
         print(f"{label:<{width}} " + " ".join(f"{res[c][key]:>18.1f}" for c in cols))
     for lib in LIBS:
         if lib + BASELINE in res:
             base = res[lib + BASELINE]
             print(f"{lib + ': this tree / baseline, p99':<{width}} {res[lib]['flood_p99'] / base['flood_p99']:>18.2f}")
+            print(f"{lib + ': this tree / baseline, CPU':<{width}} {res[lib]['flood_cpu'] / base['flood_cpu']:>18.2f}")
     for c in cols:
         rounds = " ".join(f"{v:.0f}" for v in res[c]["flood_p99_rounds"])  # type: ignore[attr-defined]
         print(f"  {c}: p99 per round {rounds}; answers {res[c]['flood_answers']}")
