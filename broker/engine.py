@@ -84,6 +84,8 @@ class Engine:
         self._settled_since: float | None = None
         self._quiet_needed = True
         self._requested_at = float("-inf")
+        # Staging checks of this turn of the event loop, by MD (see _check_staged).
+        self._checked: dict[str, CertSet | BrokerError] = {}
         self._load_state()
         self._announced = self.properties()
 
@@ -207,8 +209,33 @@ class Engine:
         if not self.limiter.allow(caller_uid, self.clock()):
             raise RateLimited("too many requests; try again later")
         validate_md_name(md)
-        staged = self.store.check_staged(md)
+        staged = self._check_staged(md)
         return self._schedule({md: staged}, override=(caller_uid == 0))
+
+    def _check_staged(self, md: str) -> CertSet:
+        """The staged set's check, made once for all the requests of one event loop turn.
+
+        A burst's calls are released together by one polkit answer (authz.py) and then run
+        back to back, nothing else in between: each re-read and re-parsed the same files
+        (about half a millisecond) while the rest of the burst waited. The one check gives
+        every one of them the answer it would have got had it come first; the next turn
+        checks again.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a synchronous caller): nothing to share with
+            return self.store.check_staged(md)
+        if md not in self._checked:
+            if not self._checked:
+                loop.call_soon(self._checked.clear)
+            try:
+                self._checked[md] = self.store.check_staged(md)
+            except BrokerError as e:
+                self._checked[md] = e
+        outcome = self._checked[md]
+        if isinstance(outcome, BrokerError):
+            raise outcome.with_traceback(None)
+        return outcome
 
     def dry_run(self, md: str, caller_uid: int) -> int:
         """What request() would answer now, scheduling nothing: the planned time, or its error.

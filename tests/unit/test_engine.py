@@ -350,3 +350,37 @@ def test_job_poll_interval_grows_with_the_time_since_the_request():
     assert job_poll_seconds(5.0) == JOB_POLL_SECONDS
     assert job_poll_seconds(float("inf")) == JOB_POLL_SECONDS  # no request yet (pending work restored)
     assert job_poll_seconds(-30.0) == JOB_POLL_SECONDS  # the wall clock stepped back
+
+
+async def test_requests_of_one_loop_turn_share_one_staging_check(tmp_path, store, monkeypatch):
+    # A burst's calls come back from polkit together and run back to back: each re-read and
+    # re-parsed the same staged files while the rest of the burst waited.
+    storefactory.add_staged(store, MD, [MD])
+    engine, _ = make_engine(tmp_path, store, FakeApache(store), Clock())
+    checks = []
+    real_check = engine.store.check_staged
+    monkeypatch.setattr(engine.store, "check_staged", lambda md: (checks.append(md), real_check(md))[1])
+    planned = {engine.request(MD, caller_uid=33) for _ in range(5)}
+    assert len(checks) == 1 and len(planned) == 1
+    assert engine.scheduler.pending[MD].fingerprint == storefactory.read_staged_fingerprint(store, MD)
+    # The next turn checks again: it sees a set staged since.
+    storefactory.add_staged(store, MD, [MD])
+    await asyncio.sleep(0)
+    engine.request(MD, caller_uid=33)
+    assert len(checks) == 2
+    assert engine.scheduler.pending[MD].fingerprint == storefactory.read_staged_fingerprint(store, MD)
+
+
+async def test_a_refusal_is_shared_within_the_turn_and_not_kept(tmp_path, store, monkeypatch):
+    engine, _ = make_engine(tmp_path, store, FakeApache(store), Clock())
+    checks = []
+    real_check = engine.store.check_staged
+    monkeypatch.setattr(engine.store, "check_staged", lambda md: (checks.append(md), real_check(md))[1])
+    for _ in range(3):
+        with pytest.raises(NothingStaged):
+            engine.request(MD, caller_uid=33)
+    assert len(checks) == 1 and not engine.pending
+    storefactory.add_staged(store, MD, [MD])
+    await asyncio.sleep(0)
+    engine.request(MD, caller_uid=33)
+    assert len(checks) == 2 and engine.pending
