@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.machinery
 import importlib.util
+import re
 import subprocess
 import sys
 import tomllib
@@ -55,6 +56,8 @@ def test_both_installers_ship_every_file_of_the_manifest(tmp_path: Path) -> None
         for program in manifest.PROGRAMS:
             a = a.replace(manifest.program_path(manifest.LOCAL, program),
                           manifest.program_path(manifest.DEBIAN, program))
+        # The one other difference: the package's units name its manual pages.
+        b = re.sub(r"^Documentation=man:.*\n", "", b, flags=re.M)
         assert a == b, item.source
     for layout, root in ((manifest.LOCAL, local), (manifest.DEBIAN, debian)):
         snippet = (root / manifest.APACHE_CONF.lstrip("/")).read_text()
@@ -99,3 +102,18 @@ def test_installer_stages_the_same_commented_file(tmp_path: Path) -> None:
     assert (cfg.restart_via, cfg.idle_exit_seconds) == ("systemd", 60)
     for name, key in broker_config.KEYS.items():
         assert f"Range: {key.range_text()}." in text.replace("\n# ", " "), name
+
+
+@pytest.mark.parametrize("unit", [f for f in manifest.DATA_FILES if f.source.startswith("systemd/")],
+                         ids=lambda f: f.source)
+def test_units_name_their_manual_pages_where_the_layout_installs_them(unit) -> None:
+    """`systemctl help UNIT` shows Documentation=; `systemd-analyze verify` fails a unit that
+    names a page which is not there. So the package's units name pages it ships, and the venv
+    installer's units (no manual pages) name none."""
+    text = (REPO / unit.source).read_text()
+    assert "Documentation=" not in manifest.render(unit, text, manifest.LOCAL, "www-data")
+    debian = manifest.render(unit, text, manifest.DEBIAN, "www-data")
+    pages = re.findall(r"^Documentation=.*", debian, flags=re.M)
+    assert len(pages) == 1, debian
+    named = re.findall(r"man:([\w.-]+)\((\d)\)", pages[0])
+    assert named and all(manifest.manual_pages().get(name) == int(sec) for name, sec in named), pages
