@@ -9,19 +9,22 @@ so the whole flow runs in unit tests with a fake clock and fake Apache.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from . import __version__, log, selftest
 from .config import Config
 from .due import others_due
-from .errors import BrokerError, NothingStaged, RateLimited
+from .errors import BrokerError, InvalidName, NothingStaged, RateLimited
 from .ratelimit import RateLimiter
 from .restart import Restarter, RestartOutcome
-from .scheduler import Scheduler
+from .scheduler import MAX_PENDING, MAX_REASON_LEN, Scheduler, check_fingerprint
 from .staging import CertSet, Store, validate_md_name
 from .state import StateFile
+from .text import MAX_TEXT, is_safe, safe
 from .timefmt import local_iso
 from .verify import Verdict, verify_activation
 
@@ -38,6 +41,20 @@ JOB_POLL_FIRST_SECONDS = 0.01
 # cause a second one. When no other MD is due, nothing will join: no wait.
 QUIET_SECONDS = 1.0
 
+# Store reads run in worker threads: a slow store (a huge staged certificate, a hanging
+# file system) must never delay another caller's reply or a Properties.Get. Callers' checks
+# (request, check_all, status) share a few threads; the restart loop (settle polling,
+# re-check, verification) has its own, so callers cannot starve a restart that is due.
+CALLER_WORKERS = 2
+LOOP_WORKERS = 1
+# LastResult and RestartFinished's detail: at most this many characters (escaped).
+MAX_RESULT = MAX_TEXT
+STATE_VERSION = 1
+_STATE_KEYS = frozenset({"version", "scheduler", "in_progress", "last_restart_usec", "last_result"})
+# Keys added after version 1, absent in older files; each one is checked where it is read.
+_STATE_OPTIONAL_KEYS = frozenset({"last_result_usec"})
+
+T = TypeVar("T")
 Verifier = Callable[[Store, Mapping[str, CertSet], Sequence[str], float], Awaitable[Verdict]]
 
 
@@ -68,8 +85,11 @@ class Engine:
         self.restarter = restarter
         self.state = state
         self.clock = clock
+        self._caller_pool = ThreadPoolExecutor(CALLER_WORKERS, thread_name_prefix="store-caller")
+        self._loop_pool = ThreadPoolExecutor(LOOP_WORKERS, thread_name_prefix="store-loop")
         self.verifier: Verifier = verifier or (
-            lambda st, batch, probes, timeout: verify_activation(st, batch, probes, timeout))
+            lambda st, batch, probes, timeout: verify_activation(st, batch, probes, timeout,
+                                                                 run=self._loop_io))
         self.limiter = RateLimiter(cfg.rate_burst, cfg.rate_per_second)
         self.scheduler = Scheduler(cfg.settle_seconds, cfg.min_interval_seconds)
         self.last_restart_usec = 0
@@ -81,11 +101,14 @@ class Engine:
         self.on_properties_changed: Callable[[dict[str, Any]], None] = lambda changed: None
         self.on_restart_finished: Callable[[bool, str, list[str]], None] = lambda ok, detail, mds: None
         self._wakeup = asyncio.Event()
+        # What the last look at job.json found (see poll_mod_md): the property getters and the
+        # plan read only these, never the store.
+        self._mod_md_done = False
         self._settled_since: float | None = None
         self._quiet_needed = True
         self._requested_at = float("-inf")
-        # Staging checks of this turn of the event loop, by MD (see _check_staged).
-        self._checked: dict[str, CertSet | BrokerError] = {}
+        # Staging checks running for requests, by MD (see _check_staged).
+        self._checking: dict[str, asyncio.Future[CertSet]] = {}
         self._load_state()
         self._announced = self.properties()
 
@@ -93,37 +116,58 @@ class Engine:
 
     def _load_state(self) -> None:
         data = self.state.load()
-        try:
-            if "scheduler" in data:
-                self.scheduler = Scheduler.from_dict(
-                    data["scheduler"], self.cfg.settle_seconds, self.cfg.min_interval_seconds)
-            # A batch that was being restarted when the broker stopped goes back to pending:
-            # the restart runs again if the set is still staged, and is a no-op if it was activated.
-            in_progress = data.get("in_progress") or {}
-            if not isinstance(in_progress, dict) or not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in in_progress.items()):
-                raise ValueError("in_progress is not a map of names to fingerprints")
-            if in_progress:
-                self.scheduler.restore(in_progress, self.clock())
-            last_restart = data.get("last_restart_usec", 0)
-            last_result = data.get("last_result", "")
-            # Older state files lack it: the result then belongs to the last restart.
-            last_result_usec = data.get("last_result_usec", last_restart)
-            if not all(type(v) is int and v >= 0 for v in (last_restart, last_result_usec)) or \
-                    not isinstance(last_result, str):
-                raise ValueError("last_restart_usec/last_result/last_result_usec have wrong types")
-            self.last_restart_usec, self.last_result = last_restart, last_result
-            self.last_result_usec = last_result_usec
-        except (ValueError, TypeError, KeyError) as e:
-            log.warning(f"state file content not usable, starting afresh: {e}")
-            self.scheduler = Scheduler(self.cfg.settle_seconds, self.cfg.min_interval_seconds)
-            self.last_restart_usec, self.last_result, self.last_result_usec = 0, "", 0
+        if data:
+            try:
+                self._restore(data)
+            except (ValueError, TypeError, KeyError) as e:
+                # As strict as the configuration: acting on half-understood state is worse
+                # than one restart that a later renewal or the daily check asks for again.
+                self.state.discard(f"has unusable content ({safe(e)})")
+                self.scheduler = Scheduler(self.cfg.settle_seconds, self.cfg.min_interval_seconds)
+                self.last_restart_usec, self.last_result, self.last_result_usec = 0, "", 0
+                self._save()
         if self.scheduler.pending:
             log.notice(f"resuming pending restart for {', '.join(sorted(self.scheduler.pending))}")
 
+    def _restore(self, data: dict) -> None:
+        """Take over a saved state; ValueError/TypeError/KeyError on anything malformed."""
+        missing = _STATE_KEYS - set(data)
+        unknown = set(data) - _STATE_KEYS - _STATE_OPTIONAL_KEYS
+        if missing or unknown:
+            raise ValueError(f"missing keys {sorted(missing)}, unknown keys {sorted(map(safe, unknown))}")
+        if type(data["version"]) is not int or data["version"] != STATE_VERSION:
+            raise ValueError("unsupported version")
+        scheduler = Scheduler.from_dict(data["scheduler"], self.cfg.settle_seconds,
+                                        self.cfg.min_interval_seconds)
+        # A batch that was being restarted when the broker stopped goes back to pending:
+        # the restart runs again if the set is still staged, and is a no-op if it was activated.
+        in_progress = data["in_progress"]
+        if not isinstance(in_progress, dict) or len(in_progress) > MAX_PENDING:
+            raise ValueError(f"in_progress is not a map of at most {MAX_PENDING} entries")
+        for md, fingerprint in in_progress.items():
+            try:
+                validate_md_name(md)
+            except InvalidName:
+                raise ValueError("in_progress names an invalid MD") from None
+            check_fingerprint("in_progress", fingerprint)
+        last_restart, last_result = data["last_restart_usec"], data["last_result"]
+        # Older state files lack it: the result then belongs to the last restart.
+        last_result_usec = data.get("last_result_usec", last_restart)
+        for key, value in (("last_restart_usec", last_restart), ("last_result_usec", last_result_usec)):
+            if type(value) is not int or not 0 <= value < 2**63:
+                raise ValueError(f"{key} is not a time in µs")
+        if not is_safe(last_result, MAX_RESULT) or not (
+                last_result in ("", "ok") or last_result.startswith("failed: ")):
+            raise ValueError("last_result is not a printable result of bounded length")
+        left_out = scheduler.restore(in_progress, self.clock()) if in_progress else []
+        for md in left_out:
+            log.warning(f"{md}: not resumed: {MAX_PENDING} MDs already pending")
+        self.scheduler, self.last_restart_usec, self.last_result = scheduler, last_restart, last_result
+        self.last_result_usec = last_result_usec
+
     def _save(self, in_progress: Mapping[str, str] | None = None) -> None:
         data = {
-            "version": 1,
+            "version": STATE_VERSION,
             "scheduler": self.scheduler.to_dict(),
             "in_progress": dict(in_progress or {}),
             "last_restart_usec": self.last_restart_usec,
@@ -132,9 +176,9 @@ class Engine:
         }
         try:
             self.state.save(data)
-        except OSError as e:
+        except Exception as e:  # documented: saving never raises
             # Keep serving from memory: losing persistence is bad, refusing renewals is worse.
-            log.err(f"could not save state: {e}")
+            log.err(f"could not save state: {type(e).__name__}: {e}")
 
     # -- properties ----------------------------------------------------------------------
 
@@ -152,28 +196,55 @@ class Engine:
         return self.scheduler.planned_at(now, lambda md: settled)
 
     def _settled(self, now: float) -> bool:
-        """May the settle window end early? mod_md is done with every MD in it, and quiet."""
-        pending = self.scheduler.pending
+        """May the settle window end early? mod_md is done with every MD in it, and quiet.
+
+        Decided from what poll_mod_md() last saw: no store read here (properties use it).
+        """
+        if not self._mod_md_done or self._settled_since is None:
+            return False
+        if self._settled_since > now:
+            self._settled_since = now
+        return not self._quiet_needed or now - self._settled_since >= QUIET_SECONDS
+
+    def _mod_md_done_now(self, pending: tuple[str, ...]) -> bool:
+        """In a worker thread: job.json shows every MD of `pending` notified, none other renewing."""
         try:
-            done = bool(pending) and all(self.store.job_notified(md) for md in pending) and not any(
+            return bool(pending) and all(self.store.job_notified(md) for md in pending) and not any(
                 md not in pending for md in self.store.renewals_in_progress())
         except (BrokerError, OSError) as e:
             # An unreadable store only costs the early end: the settle time still ends the window.
             log.warning(f"cannot tell whether mod_md is done: {e}")
-            done = False
+            return False
+
+    async def poll_mod_md(self) -> None:
+        """Look at job.json again (in a worker thread) for the early end of the settle window."""
+        pending = tuple(self.scheduler.pending)
+        done = bool(pending) and await self._loop_io(self._mod_md_done_now, pending)
+        if tuple(self.scheduler.pending) != pending:
+            done = False  # the plan changed while we looked: look again next time
         if not done:
             self._settled_since = None
-            return False
-        if self._settled_since is None or self._settled_since > now:
-            self._settled_since = now
+        elif self._settled_since is None:
             # Asked once per quiet period, not at every poll: it reads every managed MD.
-            try:
-                due = others_due(self.store, pending, now)
-            except (BrokerError, OSError) as e:
-                log.warning(f"cannot tell which other MDs are due for renewal: {e}")
-                due = ["?"]
-            self._quiet_needed = bool(due)
-        return not self._quiet_needed or now - self._settled_since >= QUIET_SECONDS
+            self._quiet_needed = await self._loop_io(self._others_due, pending, self.clock())
+            self._settled_since = self.clock()
+        self._mod_md_done = done
+
+    def _others_due(self, pending: tuple[str, ...], now: float) -> bool:
+        """In a worker thread: is another managed MD due for renewal (so worth a quiet second)?"""
+        try:
+            return bool(others_due(self.store, pending, now))
+        except (BrokerError, OSError) as e:
+            log.warning(f"cannot tell which other MDs are due for renewal: {e}")
+            return True
+
+    async def _caller_io(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._caller_pool, functools.partial(fn, *args))
+
+    async def _loop_io(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._loop_pool, functools.partial(fn, *args))
 
     def properties(self) -> dict[str, Any]:
         return {
@@ -199,7 +270,7 @@ class Engine:
 
     # -- requests ------------------------------------------------------------------------
 
-    def request(self, md: str, caller_uid: int) -> int:
+    async def request(self, md: str, caller_uid: int) -> int:
         """Schedule a restart for `md`'s staged set; returns the planned time in µs.
 
         The caller is already authorized. Raises the core's BrokerErrors, each with a
@@ -209,35 +280,35 @@ class Engine:
         if not self.limiter.allow(caller_uid, self.clock()):
             raise RateLimited("too many requests; try again later")
         validate_md_name(md)
-        staged = self._check_staged(md)
-        return self._schedule({md: staged}, override=(caller_uid == 0))
+        staged = await self._check_staged(md)
+        planned, _ = self._schedule({md: staged}, override=(caller_uid == 0))
+        return planned
 
-    def _check_staged(self, md: str) -> CertSet:
-        """The staged set's check, made once for all the requests of one event loop turn.
+    async def _check_staged(self, md: str) -> CertSet:
+        """The staged set's check (in a worker thread), shared by the requests for `md` that
+        arrive while it runs.
 
-        A burst's calls are released together by one polkit answer (authz.py) and then run
-        back to back, nothing else in between: each re-read and re-parsed the same files
-        (about half a millisecond) while the rest of the burst waited. The one check gives
-        every one of them the answer it would have got had it come first; the next turn
-        checks again.
+        A burst's calls are released together by one polkit answer (authz.py): each checking on
+        its own re-read and re-parsed the same files (about half a millisecond of CPU) while the
+        rest of the burst waited. A request that arrives during a check takes its answer, which
+        is what it would have got a moment earlier; the next request after it checks again, and
+        the restart re-checks every set before it is carried out.
         """
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop (a synchronous caller): nothing to share with
-            return self.store.check_staged(md)
-        if md not in self._checked:
-            if not self._checked:
-                loop.call_soon(self._checked.clear)
-            try:
-                self._checked[md] = self.store.check_staged(md)
-            except BrokerError as e:
-                self._checked[md] = e
-        outcome = self._checked[md]
-        if isinstance(outcome, BrokerError):
-            raise outcome.with_traceback(None)
-        return outcome
+        running = self._checking.get(md)
+        if running is None:
+            running = asyncio.ensure_future(self._caller_io(self.store.check_staged, md))
+            self._checking[md] = running
+            running.add_done_callback(lambda f: self._check_done(md, f))
+        # One caller giving up (its call was cancelled) must not cancel the others' check.
+        return await asyncio.shield(running)
 
-    def dry_run(self, md: str, caller_uid: int) -> int:
+    def _check_done(self, md: str, check: asyncio.Future[CertSet]) -> None:
+        if self._checking.get(md) is check:
+            del self._checking[md]
+        if not check.cancelled():
+            check.exception()  # seen here, so a refusal nobody awaits any more is no warning
+
+    async def dry_run(self, md: str, caller_uid: int) -> int:
         """What request() would answer now, scheduling nothing: the planned time, or its error.
 
         Limited like a request (it costs as much): `apache-restart test` runs it as the Apache
@@ -246,7 +317,7 @@ class Engine:
         if not self.limiter.allow(caller_uid, self.clock()):
             raise RateLimited("too many requests; try again later")
         validate_md_name(md)
-        staged = self.store.check_staged(md)
+        staged = await self._caller_io(self.store.check_staged, md)
         trial = Scheduler.from_dict(self.scheduler.to_dict(), self.cfg.settle_seconds,
                                     self.cfg.min_interval_seconds)
         now = self.clock()
@@ -266,53 +337,75 @@ class Engine:
                 return False, f"no live process is named in {pid_file}"
         steps = await selftest.run(self.cfg.md_store, self.store, md, dict(self.scheduler.failed),
                                    self.cfg.configtest_command, self.cfg.command_timeout_seconds,
-                                   self.cfg.probe, apache_running)
+                                   self.cfg.probe, apache_running, run=self._caller_io)
         return selftest.as_json(steps)
 
-    def _schedule(self, sets: Mapping[str, CertSet], override: bool) -> int:
+    def _schedule(self, sets: Mapping[str, CertSet], override: bool) -> tuple[int, list[str]]:
+        """Add `sets` to the plan; (planned time in µs, MDs added). Raises the first refusal
+        when none could be added."""
         now = self.clock()
         planned = now
+        before = set(self.scheduler.pending)
+        added: list[str] = []
+        refusal: BrokerError | None = None
         for md, staged in sets.items():
             was_failed = self.scheduler.failed.get(md) == staged.fingerprint
-            planned = self.scheduler.add(md, staged.fingerprint, now, override=override)
+            try:
+                planned = self.scheduler.add(md, staged.fingerprint, now, override=override)
+            except RateLimited as e:  # the plan is at MAX_PENDING
+                log.warning(f"{md}: restart not scheduled: {e.message}")
+                refusal = refusal or e
+                continue
+            added.append(md)
             log.info(f"{md}: restart requested for staged serial "
                      f"{', '.join(c.serial for c in staged.certs)}"
                      + (" (root retries a set that failed before)" if was_failed else ""))
+        if not added and refusal is not None:
+            raise refusal
         self._requested_at = now
+        if set(self.scheduler.pending) != before:
+            # job.json was looked at for another set of MDs: the early end needs a new look.
+            self._mod_md_done, self._settled_since = False, None
         planned_at = self._planned_at(now)
         self._save()
         self._announce()
         self._wakeup.set()
         # "Due now" may come back as a moment just past; a reply never names the past.
-        return _usec(max(now, planned_at if planned_at is not None else planned))
+        return _usec(max(now, planned_at if planned_at is not None else planned)), added
 
-    def check_all(self) -> tuple[list[str], int]:
-        """Schedule every MD whose staged set verifies (the daily safety net for lost hooks)."""
+    def _check_every_md(self) -> dict[str, CertSet]:
+        """In a worker thread: every MD whose staged set verifies."""
         found: dict[str, CertSet] = {}
         for md in self.store.list_mds():
             try:
-                staged = self.store.check_staged(md)
+                found[md] = self.store.check_staged(md)
             except NothingStaged:
                 continue
             except BrokerError as e:
                 log.notice(f"{md}: staged set not scheduled: {e.message}")
-                continue
+        return found
+
+    async def check_all(self) -> tuple[list[str], int]:
+        """Schedule every MD whose staged set verifies (the daily safety net for lost hooks)."""
+        found = await self._caller_io(self._check_every_md)
+        for md, staged in list(found.items()):
             if self.scheduler.failed.get(md) == staged.fingerprint:
                 log.notice(f"{md}: staged set already failed to activate once; not scheduled again")
-                continue
-            found[md] = staged
+                del found[md]
         if not found:
             return [], self.planned_at_usec
-        planned = self._schedule(found, override=False)
-        return sorted(found), planned
+        try:
+            planned, added = self._schedule(found, override=False)
+        except RateLimited:
+            return [], self.planned_at_usec
+        return sorted(added), planned
 
-    def status(self) -> dict[str, Any]:
-        """Everything the admin command shows, as plain JSON-able data."""
+    def _status_of_mds(self, pending: frozenset[str], failed: Mapping[str, str]) -> list[dict[str, Any]]:
+        """In a worker thread: the per-MD part of status() (`pending`, `failed`: snapshots)."""
         mds = []
         for md in self.store.list_mds():
             entry: dict[str, Any] = {"name": md, "active": None, "staged": None,
-                                     "pending": md in self.scheduler.pending,
-                                     "failed_before": False}
+                                     "pending": md in pending, "failed_before": False}
             try:
                 active = self.store.active(md)
             except BrokerError as e:
@@ -322,12 +415,18 @@ class Engine:
             try:
                 staged = self.store.check_staged(md)
                 entry["staged"] = dict(_set_summary(staged), valid=True, problem="")
-                entry["failed_before"] = self.scheduler.failed.get(md) == staged.fingerprint
+                entry["failed_before"] = failed.get(md) == staged.fingerprint
             except NothingStaged:
                 pass
             except BrokerError as e:
                 entry["staged"] = {"valid": False, "problem": e.message}
             mds.append(entry)
+        return mds
+
+    async def status(self) -> dict[str, Any]:
+        """Everything the admin command shows, as plain JSON-able data."""
+        mds = await self._caller_io(self._status_of_mds, frozenset(self.scheduler.pending),
+                                    dict(self.scheduler.failed))
         props = self.properties()
         now = self.clock()
         settled = self._settled(now)
@@ -356,6 +455,7 @@ class Engine:
     async def run(self) -> None:
         """Carry out planned restarts, forever."""
         while True:
+            await self.poll_mod_md()
             planned = self._planned_at(self.clock())
             self._announce()  # the window may have ended early: PlannedAt moved
             if planned is None:
@@ -388,13 +488,26 @@ class Engine:
             self._save()
 
     async def _restart_batch(self, batch: Mapping[str, str]) -> None:
-        sets, already_active, dropped = self._recheck(batch)
-        names = sorted(batch)
+        sets, already_active, dropped = await self._loop_io(
+            self._recheck, batch, dict(self.scheduler.failed))
+        # The last look before the restart: a set swapped while (or after) it was verified is
+        # not what was verified, so it is not restarted for.
+        changed, activated = await self._loop_io(self._changed_since_check, sets)
+        for md in changed:
+            del sets[md]
+            dropped.append(f"{md}: staged set changed after verification")
+            log.warning(f"dropped from restart: {md}: staged set changed after verification")
+        for md in activated:
+            del sets[md]
+            already_active.append(md)
+        names = sorted(safe(md) for md in batch)
         if not sets:
             if already_active:
                 log.info(f"{', '.join(already_active)}: already active, no restart needed")
             if not self.scheduler.pending:
                 self.scheduler.clear_retry()  # nothing left that a retry would be for
+            if dropped:
+                self._finish(False, f"no restart: {'; '.join(dropped)}", names)
             self._announce()
             return
         outcome: RestartOutcome = await self.restarter.restart()
@@ -405,21 +518,25 @@ class Engine:
         if outcome.issued:
             self.scheduler.record_restart(now)
             self.last_restart_usec = _usec(now)
+        fingerprints = {md: s.fingerprint for md, s in sets.items()}
         if outcome.ok:
             verdict = await self.verifier(self.store, sets, self.cfg.probe, self.cfg.verify_timeout_seconds)
-            self.scheduler.record_outcome({md: s.fingerprint for md, s in sets.items()},
-                                          set(verdict.activated))
+            self._forget(self.scheduler.record_outcome(fingerprints, set(verdict.activated)))
             ok, detail = verdict.ok, verdict.detail
         else:
             if outcome.issued:
                 # A graceful that failed may still have activated something: ask the store.
                 verdict = await self.verifier(self.store, sets, (), 0.0)
-                self.scheduler.record_outcome({md: s.fingerprint for md, s in sets.items()},
-                                              set(verdict.activated))
+                self._forget(self.scheduler.record_outcome(fingerprints, set(verdict.activated)))
             ok, detail = False, outcome.detail
         if dropped:
             detail += f" ({len(dropped)} MD(s) dropped before the restart: {'; '.join(dropped)})"
-        self.last_result = "ok" if ok else f"failed: {detail}"
+        self._finish(ok, detail, names)
+
+    def _finish(self, ok: bool, detail: str, names: list[str]) -> None:
+        """Record and announce a restart's result: LastResult, the log, RestartFinished."""
+        detail = safe(detail, MAX_RESULT)
+        self.last_result = "ok" if ok else safe(f"failed: {detail}", MAX_RESULT)
         (log.notice if ok else log.err)(f"restart for {', '.join(names)}: {self.last_result}"
                                          + (f" ({detail})" if ok else ""))
         self._save()
@@ -428,14 +545,43 @@ class Engine:
 
     def _hold(self, batch: dict[str, str], now: float, why: str) -> None:
         """No restart was issued (config test, Apache not running): retry the batch later."""
+        # `why` carries the config test's output: escaped and bounded like LastResult.
+        why = safe(why, MAX_REASON_LEN)
         retry = self.scheduler.hold(batch, now, why)
         first = sorted(batch)[0]
         log.warning(f"restart for {', '.join(sorted(batch))} held back ({why}); retry {retry.attempts} "
                     f"at the latest at {local_iso(retry.at)}; after fixing the cause, retry now with: "
                     f"apache-restart request {first}")
+        for md in sorted(set(batch) - set(self.scheduler.pending)):
+            log.warning(f"{md}: not kept for the retry: {MAX_PENDING} MDs already pending")
 
-    def _recheck(self, batch: Mapping[str, str]) -> tuple[dict[str, CertSet], list[str], list[str]]:
-        """Look at each MD again just before restarting: staging may have changed meanwhile."""
+    @staticmethod
+    def _forget(forgotten: list[str]) -> None:
+        for md in forgotten:
+            log.notice(f"{md}: forgetting that a restart failed for its staged set "
+                       "(the oldest of too many remembered)")
+
+    def _changed_since_check(self, sets: Mapping[str, CertSet]) -> tuple[list[str], list[str]]:
+        """In a worker thread: (MDs whose staged set is no longer the one in `sets`, MDs whose
+        set in `sets` became active meanwhile, e.g. through a restart by someone else)."""
+        changed: list[str] = []
+        activated: list[str] = []
+        for md, cset in sets.items():
+            try:
+                now_staged = self.store.staged_fingerprint(md)
+            except BrokerError:
+                now_staged = None
+            if now_staged == cset.fingerprint:
+                continue
+            active = _safe(self.store.active, md) if now_staged is None else None
+            (activated if active is not None and active.fingerprint == cset.fingerprint
+             else changed).append(md)
+        return changed, activated
+
+    def _recheck(self, batch: Mapping[str, str], failed: Mapping[str, str]
+                 ) -> tuple[dict[str, CertSet], list[str], list[str]]:
+        """In a worker thread: look at each MD again just before restarting, since staging may
+        have changed meanwhile. `failed` is a snapshot of the scheduler's."""
         sets: dict[str, CertSet] = {}
         already_active: list[str] = []
         dropped: list[str] = []
@@ -454,7 +600,7 @@ class Engine:
                 continue
             # Staging changed since the request to a set that already failed once (a request
             # for exactly that set was root's override, and is kept).
-            if self.scheduler.failed.get(md) == staged.fingerprint and staged.fingerprint != fingerprint:
+            if failed.get(md) == staged.fingerprint and staged.fingerprint != fingerprint:
                 dropped.append(f"{md}: the set staged now already failed to activate once")
                 continue
             sets[md] = staged
