@@ -289,7 +289,7 @@ class Engine:
         arrive while it runs.
 
         A burst's calls are released together by one polkit answer (authz.py): each checking on
-        its own re-read and re-parsed the same files (about half a millisecond of CPU) while the
+        its own re-read and re-parsed the same files (about two milliseconds of CPU) while the
         rest of the burst waited. A request that arrives during a check takes its answer, which
         is what it would have got a moment earlier; the next request after it checks again, and
         the restart re-checks every set before it is carried out.

@@ -11,7 +11,7 @@ from broker.errors import AlreadyFailed, NothingStaged, RateLimited, StagingInva
 from broker.restart import RestartOutcome
 from broker.staging import Store
 from broker.state import StateFile
-from harness import storefactory
+from harness import busutil, storefactory
 
 MD = "www.example.test"
 
@@ -47,7 +47,8 @@ def make_engine(tmp_path, store, apache, clock, **cfg):
                            "verify_timeout_seconds": 0, **cfg})
     finished = []
     # The store keeps the real clock: the files' mtimes it compares with are real.
-    engine = Engine(config, Store(str(store)), apache, StateFile(str(tmp_path / "state")), clock=clock)
+    engine = Engine(config, Store(str(store), anchors=storefactory.anchors()), apache,
+                    StateFile(str(tmp_path / "state")), clock=clock)
     engine.on_restart_finished = lambda ok, detail, names: finished.append((ok, detail, names))
     return engine, finished
 
@@ -134,10 +135,7 @@ async def test_failed_config_test_is_retried_on_its_own_and_survives_a_new_engin
         assert apache.restarts == 0  # not before the retry is due
         clock.t = failed_at + 60
         again._wakeup.set()
-        for _ in range(100):
-            if finished:
-                break
-            await asyncio.sleep(0.05)
+        await busutil.wait_until(lambda: finished, 10)
     finally:
         runner.cancel()
     assert finished == [(True, "1 MD active", [MD])]
@@ -174,14 +172,17 @@ async def test_batch_interrupted_mid_restart_is_resumed(tmp_path, store):
     storefactory.add_staged(store, MD, [MD])
     clock = Clock()
 
+    entered = asyncio.Event()
+
     class Hanging(FakeApache):
         async def restart(self):
+            entered.set()
             await asyncio.Event().wait()
 
     engine, _ = make_engine(tmp_path, store, Hanging(store), clock)
     await engine.request(MD, caller_uid=33)
     task = asyncio.ensure_future(engine.restart_now())
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(entered.wait(), 10)  # the restart is under way
     task.cancel()  # the broker died while Apache was restarting
     again, finished = make_engine(tmp_path, store, FakeApache(store), clock)
     assert again.pending
@@ -237,10 +238,7 @@ async def test_run_loop_restarts_early_when_mod_md_notified(tmp_path, store):
         await asyncio.sleep(0.6)
         assert apache.restarts == 0  # notified, but not yet quiet for QUIET_SECONDS
         clock.t += 1.5
-        for _ in range(40):
-            if finished:
-                break
-            await asyncio.sleep(0.05)
+        await busutil.wait_until(lambda: finished, 10)
         assert apache.restarts == 1 and finished[0][0] is True
 
     finally:
@@ -393,3 +391,16 @@ async def test_a_refusal_is_shared_by_the_requests_waiting_for_it_and_not_kept(t
     storefactory.add_staged(store, MD, [MD])
     await engine.request(MD, caller_uid=33)
     assert len(checks) == 2 and engine.pending
+
+
+async def test_an_invented_md_gets_no_restart(tmp_path, store):
+    """An MD mod_md does not manage (no root-owned domains/<md>/md.json) with a complete staged
+    set: once this meant a restart every min_interval; now nothing is scheduled."""
+    storefactory.add_staged(store, "invented.example.org", managed=False)
+    apache = FakeApache(store)
+    engine, finished = make_engine(tmp_path, store, apache, Clock())
+    with pytest.raises(StagingInvalid) as ei:
+        await engine.request("invented.example.org", caller_uid=33)
+    assert ei.value.check == "not-managed"
+    assert await engine.check_all() == ([], 0)
+    assert not engine.pending and apache.restarts == 0
