@@ -13,12 +13,13 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from . import __version__, log
+from . import __version__, log, metrics, storelock
 from .config import Config
-from .errors import BrokerError, NothingStaged, RateLimited
+from .errors import AlreadyFailed, BrokerError, NothingStaged, RateLimited
 from .ratelimit import RateLimiter
 from .restart import Restarter, RestartOutcome
 from .scheduler import Scheduler
+from .served import RefreshMemory, Served, behind, probe_all, sni_name
 from .staging import CertSet, Store, validate_md_name
 from .state import StateFile
 from .verify import Verdict, verify_activation
@@ -32,6 +33,8 @@ JOB_POLL_SECONDS = 0.25
 QUIET_SECONDS = 1.0
 
 Verifier = Callable[[Store, Mapping[str, CertSet], Sequence[str], float], Awaitable[Verdict]]
+# (probe addresses, md -> SNI name) -> md -> what each address serves
+Prober = Callable[[Sequence[str], Mapping[str, str]], Awaitable[dict[str, list[Served]]]]
 
 
 def _usec(t: float) -> int:
@@ -48,6 +51,8 @@ class Engine:
         *,
         clock: Callable[[], float] = time.time,
         verifier: Verifier | None = None,
+        prober: Prober | None = None,
+        store_lock: Callable[[], Awaitable[object]] | None = None,
     ):
         self.cfg = cfg
         self.store = store
@@ -56,6 +61,14 @@ class Engine:
         self.clock = clock
         self.verifier: Verifier = verifier or (
             lambda st, batch, probes, timeout: verify_activation(st, batch, probes, timeout))
+        self.prober: Prober = prober or (lambda probes, names: probe_all(probes, names))
+        self.store_lock = store_lock or (lambda: storelock.wait_until_free(cfg.md_store))
+        # Cluster: MDs scheduled because this node serves them behind the store (md -> the
+        # active fingerprint), and refresh restarts that did not help (never repeated).
+        self.refresh_pending: dict[str, str] = {}
+        self.refresh_failed = RefreshMemory()
+        self.last_served: dict[str, list[Served]] = {}
+        self.restart_counts: dict[str, int] = {"ok": 0, "failed": 0}
         self.limiter = RateLimiter(cfg.rate_burst, cfg.rate_per_second)
         self.scheduler = Scheduler(cfg.settle_seconds, cfg.min_interval_seconds)
         self.last_restart_usec = 0
@@ -89,12 +102,29 @@ class Engine:
             if not isinstance(last_restart, int) or not isinstance(last_result, str):
                 raise ValueError("last_restart_usec/last_result have wrong types")
             self.last_restart_usec, self.last_result = last_restart, last_result
+            self._load_cluster_state(data)
         except (ValueError, TypeError, KeyError) as e:
             log.warning(f"state file content not usable, starting afresh: {e}")
             self.scheduler = Scheduler(self.cfg.settle_seconds, self.cfg.min_interval_seconds)
             self.last_restart_usec, self.last_result = 0, ""
+            self.refresh_pending, self.refresh_failed = {}, RefreshMemory()
+            self.restart_counts = {"ok": 0, "failed": 0}
         if self.scheduler.pending:
             log.notice(f"resuming pending restart for {', '.join(sorted(self.scheduler.pending))}")
+
+    def _load_cluster_state(self, data: Mapping[str, Any]) -> None:
+        # Keys added after version 1: absent in older files, which is the same as empty.
+        pending = data.get("refresh_pending") or {}
+        if not isinstance(pending, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in pending.items()):
+            raise ValueError("refresh_pending is not a map of names to fingerprints")
+        self.refresh_failed = RefreshMemory.from_dict(data.get("refresh_failed") or {})
+        counts = data.get("restarts") or {}
+        if not isinstance(counts, dict) or not all(
+                k in ("ok", "failed") and type(v) is int and v >= 0 for k, v in counts.items()):
+            raise ValueError("restarts is not a count per result")
+        self.refresh_pending = dict(pending)
+        self.restart_counts = {"ok": counts.get("ok", 0), "failed": counts.get("failed", 0)}
 
     def _save(self, in_progress: Mapping[str, str] | None = None) -> None:
         data = {
@@ -103,6 +133,9 @@ class Engine:
             "in_progress": dict(in_progress or {}),
             "last_restart_usec": self.last_restart_usec,
             "last_result": self.last_result,
+            "refresh_pending": dict(self.refresh_pending),
+            "refresh_failed": self.refresh_failed.to_dict(),
+            "restarts": dict(self.restart_counts),
         }
         try:
             self.state.save(data)
@@ -129,7 +162,9 @@ class Engine:
         """May the settle window end early? mod_md is done with every MD in it, and quiet."""
         pending = self.scheduler.pending
         try:
-            done = bool(pending) and all(self.store.job_notified(md) for md in pending) and not any(
+            done = bool(pending) and all(
+                self._is_refresh(md, p.fingerprint) or self.store.job_notified(md)
+                for md, p in pending.items()) and not any(
                 md not in pending for md in self.store.renewals_in_progress())
         except (BrokerError, OSError) as e:
             # An unreadable store only costs the early end: the settle time still ends the window.
@@ -175,7 +210,15 @@ class Engine:
         if not self.limiter.allow(caller_uid, time.monotonic()):
             raise RateLimited("too many requests; try again later")
         validate_md_name(md)
-        staged = self.store.check_staged(md)
+        try:
+            staged = self.store.check_staged(md)
+        except NothingStaged:
+            active = _safe(self.store.active, md) if caller_uid == 0 else None
+            if active is not None and self.refresh_failed.forget(md):
+                log.info(f"{md}: root retries the restart that did not make this node serve "
+                         "the active certificate")
+                return self._schedule_refresh({md: active})
+            raise
         return self._schedule({md: staged}, override=(caller_uid == 0))
 
     def _schedule(self, sets: Mapping[str, CertSet], override: bool) -> int:
@@ -190,6 +233,7 @@ class Engine:
         planned_at = self._planned_at(now)
         self._save()
         self._announce()
+        self._write_metrics()
         self._wakeup.set()
         # "Due now" may come back as a moment just past; a reply never names the past.
         return _usec(max(now, planned_at if planned_at is not None else planned))
@@ -214,6 +258,86 @@ class Engine:
         planned = self._schedule(found, override=False)
         return sorted(found), planned
 
+    async def check(self) -> tuple[list[str], int]:
+        """CheckAll: every valid staged set, and every MD this node serves behind the store."""
+        scheduled, planned = self.check_all()
+        served = await self.probe_served()
+        refresh: dict[str, CertSet] = {}
+        for md, entries in served.items():
+            if md in self.scheduler.pending:
+                continue  # a restart is coming anyway
+            active = _safe(self.store.active, md)
+            name = None if active is None else sni_name(active)
+            if active is None or name is None:
+                continue
+            lagging = behind(entries, active, name)
+            if not lagging:
+                continue
+            what = ", ".join(f"{e.probe} serves serial {e.serial}" for e in lagging)
+            if self.refresh_failed.failed_before(md, active.fingerprint):
+                log.notice(f"{md}: served behind the store ({what}), but a restart did not change "
+                           "that before; not restarted again (root may request it)")
+                continue
+            log.notice(f"{md}: served behind the store ({what}; active serial "
+                       f"{', '.join(c.serial for c in active.certs)}): restart planned")
+            refresh[md] = active
+        if refresh:
+            planned = self._schedule_refresh(refresh)
+            scheduled = sorted(set(scheduled) | set(refresh))
+        else:
+            self._write_metrics()
+        return scheduled, planned
+
+    def _is_refresh(self, md: str, fingerprint: str) -> bool:
+        return self.refresh_pending.get(md) == fingerprint
+
+    def _schedule_refresh(self, sets: Mapping[str, CertSet]) -> int:
+        """Schedule restarts that make this node serve the active sets (no staged set involved)."""
+        now = self.clock()
+        for md, active in sets.items():
+            try:
+                self.scheduler.add(md, active.fingerprint, now)
+            except AlreadyFailed:
+                # This node failed to activate exactly this set itself: the scheduler's rule.
+                log.notice(f"{md}: the active set failed to activate here before; not scheduled")
+                continue
+            self.refresh_pending[md] = active.fingerprint
+        planned_at = self._planned_at(now)
+        self._save()
+        self._announce()
+        self._write_metrics()
+        self._wakeup.set()
+        return _usec(max(now, planned_at)) if planned_at is not None else self.planned_at_usec
+
+    async def probe_served(self, mds: Sequence[str] | None = None) -> dict[str, list[Served]]:
+        """Ask every probe address what it serves for each managed MD (bounded in time)."""
+        if not self.cfg.probe:
+            self.last_served = {}
+            return {}
+        names: dict[str, str] = {}
+        for md in self.store.list_mds() if mds is None else mds:
+            # Managed by this Apache: domains/<md>/ (root-owned, written by mod_md) has a set.
+            active = _safe(self.store.active, md)
+            name = None if active is None else sni_name(active)
+            if name is not None:
+                names[md] = name
+        served = await self.prober(self.cfg.probe, names)
+        if mds is None:
+            self.last_served = dict(served)
+        else:
+            self.last_served.update(served)
+        return served
+
+    async def status_probed(self) -> dict[str, Any]:
+        """GetStatus: `status` with what every probe address serves right now."""
+        await self.probe_served()
+        self._write_metrics()
+        return self.status()
+
+    def _write_metrics(self) -> None:
+        if self.cfg.metrics_file:
+            metrics.write(self.cfg.metrics_file, self.status(), self.restart_counts)
+
     def status(self) -> dict[str, Any]:
         """Everything the admin command shows, as plain JSON-able data."""
         mds = []
@@ -235,6 +359,7 @@ class Engine:
                 pass
             except BrokerError as e:
                 entry["staged"] = {"valid": False, "problem": e.message}
+            entry["served"] = [s.to_json() for s in self.last_served.get(md, [])]
             mds.append(entry)
         props = self.properties()
         return {
@@ -294,31 +419,61 @@ class Engine:
                 log.info(f"{', '.join(already_active)}: already active, no restart needed")
             self._announce()
             return
+        # Another node of a cluster may be activating from the shared store right now.
+        await self.store_lock()
         outcome: RestartOutcome = await self.restarter.restart()
         now = self.clock()
         if outcome.issued:
             self.scheduler.record_restart(now)
             self.last_restart_usec = _usec(now)
+        refreshes = {md: s for md, s in sets.items() if self._is_refresh(md, s.fingerprint)}
+        staged = {md: s.fingerprint for md, s in sets.items() if md not in refreshes}
         if outcome.ok:
             verdict = await self.verifier(self.store, sets, self.cfg.probe, self.cfg.verify_timeout_seconds)
-            self.scheduler.record_outcome({md: s.fingerprint for md, s in sets.items()},
-                                          set(verdict.activated))
+            self.scheduler.record_outcome(staged, set(verdict.activated))
             ok, detail = verdict.ok, verdict.detail
         else:
             if outcome.issued:
                 # A graceful that failed may still have activated something: ask the store.
                 verdict = await self.verifier(self.store, sets, (), 0.0)
-                self.scheduler.record_outcome({md: s.fingerprint for md, s in sets.items()},
-                                              set(verdict.activated))
+                self.scheduler.record_outcome(staged, set(verdict.activated))
             ok, detail = False, outcome.detail
+        if refreshes:
+            await self._record_refreshes(refreshes, issued=outcome.issued)
         if dropped:
             detail += f" ({len(dropped)} MD(s) dropped before the restart: {'; '.join(dropped)})"
         self.last_result = "ok" if ok else f"failed: {detail}"
+        self.restart_counts["ok" if ok else "failed"] += 1
         (log.notice if ok else log.err)(f"restart for {', '.join(names)}: {self.last_result}"
                                          + (f" ({detail})" if ok else ""))
         self._save()
         self._announce()
         self.on_restart_finished(ok, detail, names)
+        if self.cfg.metrics_file:
+            if not refreshes:  # (those were probed just now)
+                await self.probe_served()
+            self._write_metrics()
+
+    async def _record_refreshes(self, refreshes: Mapping[str, CertSet], issued: bool) -> None:
+        """Remember each MD that the restart did not bring up to the store, so it is not repeated.
+
+        A restart that was never issued (config test failed, Apache not running) proved nothing:
+        the next check may try again, as it does for staged sets.
+        """
+        for md in refreshes:
+            self.refresh_pending.pop(md, None)
+        if not issued:
+            return
+        served = await self.probe_served()
+        for md, active in refreshes.items():
+            entries = served.get(md, [])
+            name = sni_name(active)
+            fixed = bool(entries) and name is not None and not any(e.error for e in entries) \
+                and not behind(entries, active, name)
+            if not fixed:
+                self.refresh_failed.remember(md, active.fingerprint)
+                log.warning(f"{md}: the restart did not make this node serve the active certificate; "
+                            "it will not be restarted for it again (root may request it)")
 
     def _recheck(self, batch: Mapping[str, str]) -> tuple[dict[str, CertSet], list[str], list[str]]:
         """Look at each MD again just before restarting: staging may have changed meanwhile."""
@@ -330,7 +485,9 @@ class Engine:
                 staged = self.store.check_staged(md)
             except NothingStaged:
                 active = _safe(self.store.active, md)
-                if active is not None and active.fingerprint == fingerprint:
+                if active is not None and active.fingerprint == fingerprint and self._is_refresh(md, fingerprint):
+                    sets[md] = active  # served behind the store: the restart is the point
+                elif active is not None and active.fingerprint == fingerprint:
                     already_active.append(md)
                 else:
                     dropped.append(f"{md}: nothing staged any more")

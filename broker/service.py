@@ -191,10 +191,10 @@ class ApacheRestartService:
 
     async def _get_status(self, msg: Message) -> tuple[str, list[Any]]:
         await self.authorizer.require_root(msg.sender)
-        return "s", [json.dumps(self.engine.status(), sort_keys=True)]
+        return "s", [json.dumps(await self.engine.status_probed(), sort_keys=True)]
 
     async def _check_all(self, msg: Message) -> tuple[str, list[Any]]:
         await self.authorizer.require_root(msg.sender)
-        scheduled, planned = self.engine.check_all()
+        scheduled, planned = await self.engine.check()
         log.info(f"check of every MD: {len(scheduled)} scheduled" + (f" ({', '.join(scheduled)})" if scheduled else ""))
         return "ast", [scheduled, planned]
