@@ -4,6 +4,8 @@
     apache-restart [--bus-address ADDRESS] [--timeout SECONDS] request NAME
     apache-restart [--bus-address ADDRESS] [--timeout SECONDS] check-all
     apache-restart [--bus-address ADDRESS] watch
+    apache-restart [--bus-address ADDRESS] [--timeout SECONDS] check [--warning DAYS]
+                   [--critical DAYS] [--pending-hours H]   (monitoring plugin: exits 0-3)
 
 Exit status:
     0  done
@@ -26,7 +28,7 @@ from typing import Any
 from broker import __version__, names
 from broker.dbuslib import Message, MessageType
 
-from . import call
+from . import call, monitor
 from .call import Connection, Failure, format_planned, format_usec, one_line
 
 PROG = "apache-restart"
@@ -185,6 +187,32 @@ def cmd_check_all(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- check (monitoring plugin) ---------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    for opt in ("warning", "critical", "pending_hours"):
+        value = getattr(args, opt)
+        if not 0 <= value <= 3650 * 24:
+            print(monitor.unknown(f"--{opt.replace('_', '-')} must be between 0 and 87600").line())
+            return monitor.UNKNOWN
+
+    async def work(conn: Connection) -> dict:
+        (text,) = await conn.call("GetStatus")
+        return json.loads(text)
+
+    try:
+        status = call.run(work, args.bus_address, args.timeout)
+        verdict = monitor.evaluate(status, time.time(), args.warning, args.critical, args.pending_hours) \
+            if isinstance(status, dict) else monitor.unknown("the broker's status is not a JSON object")
+    except Failure as f:
+        verdict = monitor.unknown(f"cannot ask the broker: {one_line(f.describe())}")
+    except ValueError as e:
+        verdict = monitor.unknown(f"the broker sent no valid JSON: {e}")
+    print(verdict.line())
+    return verdict.state
+
+
 # -- watch -----------------------------------------------------------------------------------
 
 
@@ -265,7 +293,25 @@ def _parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_check_all)
     w = sub.add_parser("watch", help="print restarts as the broker announces them")
     w.set_defaults(func=cmd_watch)
+    k = sub.add_parser("check", help="monitoring plugin: one line with perfdata, exit 0 OK, 1 WARNING, "
+                                     "2 CRITICAL, 3 UNKNOWN (root or the monitoring group)")
+    k.add_argument("--warning", type=float, metavar="DAYS", default=monitor.DEFAULT_WARNING_DAYS,
+                   help=f"WARNING when a certificate expires within DAYS (default {monitor.DEFAULT_WARNING_DAYS:g})")
+    k.add_argument("--critical", type=float, metavar="DAYS", default=monitor.DEFAULT_CRITICAL_DAYS,
+                   help=f"CRITICAL when it expires within DAYS (default {monitor.DEFAULT_CRITICAL_DAYS:g})")
+    k.add_argument("--pending-hours", type=float, metavar="H", default=monitor.DEFAULT_PENDING_HOURS,
+                   help="WARNING when a valid set waits in staging longer than H hours "
+                        f"(default {monitor.DEFAULT_PENDING_HOURS:g})")
+    # A monitoring system reads exit 2 as CRITICAL: a bad option is UNKNOWN (3) here.
+    k.error = lambda message: _check_usage(k, message)  # type: ignore[method-assign]
+    k.set_defaults(func=cmd_check)
     return p
+
+
+def _check_usage(parser: argparse.ArgumentParser, message: str) -> None:
+    parser.print_usage(sys.stderr)
+    print(monitor.unknown(f"usage: {message}").line())
+    sys.exit(monitor.UNKNOWN)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,6 +69,8 @@ SHIPPED = {  # installed path -> source in the tree (copied as is, or with the A
     f"/usr/share/dbus-1/interfaces/{names.INTERFACE}.xml": DBUS_DIR / f"{names.INTERFACE}.xml",
     "/usr/share/polkit-1/actions/org.masysma.apacherestart.policy": POLKIT_POLICY,
     "/usr/share/polkit-1/rules.d/49-apache-restart-broker.rules": POLKIT_RULES,
+    "/usr/share/polkit-1/rules.d/49-apache-restart-broker-monitor.rules":
+        POLKIT_DIR / "49-apache-restart-broker-monitor.rules",
     f"{UNIT_DIR}/{BROKER_UNIT}": SYSTEMD_DIR / BROKER_UNIT,
     f"{UNIT_DIR}/{CHECK_UNIT}": SYSTEMD_DIR / CHECK_UNIT,
     f"{UNIT_DIR}/{CHECK_TIMER}": SYSTEMD_DIR / CHECK_TIMER,
@@ -488,11 +490,12 @@ def test_polkit_policy_is_valid_against_polkits_dtd(tmp_path: Path) -> None:
 
 def test_polkit_action_has_conservative_defaults() -> None:
     actions = ET.parse(POLKIT_POLICY).getroot().findall("action")
-    assert [a.get("id") for a in actions] == [names.POLKIT_ACTION]
-    defaults_element = actions[0].find("defaults")
-    assert defaults_element is not None
-    defaults = {d.tag: (d.text or "").strip() for d in defaults_element}
-    assert defaults == {"allow_any": "no", "allow_inactive": "no", "allow_active": "auth_admin_keep"}
+    assert [a.get("id") for a in actions] == [names.POLKIT_ACTION, names.POLKIT_ACTION_READ_STATUS]
+    for action in actions:
+        defaults_element = action.find("defaults")
+        assert defaults_element is not None
+        defaults = {d.tag: (d.text or "").strip() for d in defaults_element}
+        assert defaults == {"allow_any": "no", "allow_inactive": "no", "allow_active": "auth_admin_keep"}
 
 
 def polkit_rule_findings(js: str, apache_user: str = APACHE_USER) -> list[str]:
