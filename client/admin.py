@@ -44,8 +44,8 @@ EXIT_DENIED = 4
 def _fail(f: Failure, what: str) -> int:
     """Say why `what` failed, on stderr, and return the exit status for it."""
     if f.kind == call.DENIED:
-        hint = " (status and check-all need root; request needs the polkit action " \
-               f"{names.POLKIT_ACTION})"
+        hint = " (status needs root or the monitoring group, check-all needs root; request needs " \
+               f"the polkit action {names.POLKIT_ACTION})"
         print(f"{PROG}: {what}: access denied: {f.describe()}{hint}", file=sys.stderr)
         return EXIT_DENIED
     if f.kind == call.UNREACHABLE:
