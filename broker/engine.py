@@ -380,6 +380,7 @@ class Engine:
 
     async def run(self) -> None:
         """Carry out planned restarts, forever."""
+        self._write_metrics()  # a fresh file at start: the previous one may be a broker ago
         while True:
             planned = self._planned_at(self.clock())
             self._announce()  # the window may have ended early: PlannedAt moved
@@ -409,6 +410,10 @@ class Engine:
             await self._restart_batch(batch)
         finally:
             self.restarting = False
+            # Whatever became of them, these refresh requests are answered (a new check asks again).
+            for md, fingerprint in batch.items():
+                if self._is_refresh(md, fingerprint):
+                    del self.refresh_pending[md]
             self._save()
 
     async def _restart_batch(self, batch: Mapping[str, str]) -> None:
@@ -460,8 +465,6 @@ class Engine:
         A restart that was never issued (config test failed, Apache not running) proved nothing:
         the next check may try again, as it does for staged sets.
         """
-        for md in refreshes:
-            self.refresh_pending.pop(md, None)
         if not issued:
             return
         served = await self.probe_served()
