@@ -331,12 +331,13 @@ class Engine:
     async def status_probed(self) -> dict[str, Any]:
         """GetStatus: `status` with what every probe address serves right now."""
         await self.probe_served()
-        self._write_metrics()
-        return self.status()
+        status = self.status()
+        self._write_metrics(status)
+        return status
 
-    def _write_metrics(self) -> None:
+    def _write_metrics(self, status: dict[str, Any] | None = None) -> None:
         if self.cfg.metrics_file:
-            metrics.write(self.cfg.metrics_file, self.status(), self.restart_counts)
+            metrics.write(self.cfg.metrics_file, status or self.status(), self.restart_counts)
 
     def status(self) -> dict[str, Any]:
         """Everything the admin command shows, as plain JSON-able data."""
