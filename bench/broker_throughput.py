@@ -77,7 +77,7 @@ class Stack:
         self.client = await dbuslib.connect(self.address)
 
         env = busutil.broker_env({"DBUS_SYSTEM_BUS_ADDRESS": self.address})
-        polkit = subprocess.Popen(  # noqa: ASYNC220 - starts it, waits for nothing
+        polkit = subprocess.Popen(
             [sys.executable, "-m", "dbusmock", "--system", "--template", "polkitd"],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append(polkit)
@@ -102,7 +102,7 @@ class Stack:
                 "rate_per_second": 1e9,
             }))
         with self.log_file.open("wb") as log:
-            self.broker = subprocess.Popen(  # noqa: ASYNC220 - starts it, waits for nothing
+            self.broker = subprocess.Popen(
                 busutil.broker_command(config, self.address),
                 env=busutil.broker_env({"APACHE_RESTART_DBUS_LIB": self.lib}),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
@@ -144,7 +144,7 @@ class Stack:
             if bus is not None:
                 try:
                     bus.disconnect()
-                except Exception:  # noqa: BLE001 - going away anyway
+                except Exception:
                     pass
         self.client, self.callers = None, []
 

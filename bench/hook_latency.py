@@ -52,7 +52,7 @@ class Stack:
         probe = await dbuslib.connect(self.address)
         try:
             env = busutil.broker_env({"DBUS_SYSTEM_BUS_ADDRESS": self.address})
-            polkit = subprocess.Popen(  # noqa: ASYNC220 - starts it, waits for nothing
+            polkit = subprocess.Popen(
                 [sys.executable, "-m", "dbusmock", "--system", "--template", "polkitd"],
                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             self.procs.append(polkit)
@@ -79,7 +79,7 @@ class Stack:
                 "rate_burst": 1e9,             # no rate limit: every run makes the same call
             })
             self.log = (self.dir / "broker.log").open("wb")
-            broker = subprocess.Popen(  # noqa: ASYNC220 - starts it, waits for nothing
+            broker = subprocess.Popen(
                 busutil.broker_command(config, self.address), env=busutil.broker_env(),
                                       stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
             self.procs.append(broker)

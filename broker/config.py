@@ -128,7 +128,8 @@ class Config:
     polkit_timeout_seconds: float = _key(
         "number", 10.0, "polkit not answering in time means refusal", 1, 120)
     # Requests a caller (by uid) may send: a bucket of `rate_burst` refilled at `rate_per_second`.
-    rate_burst: float = _key("number", 100.0, "per-user token bucket size for requests", 1, 100000)
+    rate_burst: float = _key("number", 100.0,
+                             "per-user token bucket size for requests (0: refuse every request)", 0, 100000)
     rate_per_second: float = _key("number", 2.0, "per-user token bucket refill rate (0: no refill)", 0, 10000)
     # Requests being authorized or checked at once; kept below dbus-daemon's 128 pending
     # replies per connection, which the broker's own polkit calls count against.
@@ -234,7 +235,7 @@ def _resolve_argv(argv: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def from_mapping(data: Mapping[str, object]) -> Config:
-    values: dict[str, object] = {}
+    values: dict[str, Any] = {}
     for name, value in data.items():
         key = KEYS.get(name)
         if key is None:

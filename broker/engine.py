@@ -15,6 +15,7 @@ from typing import Any
 
 from . import __version__, log, metrics, storelock
 from .config import Config
+from .due import others_due
 from .errors import AlreadyFailed, BrokerError, NothingStaged, RateLimited
 from .ratelimit import RateLimiter
 from .restart import Restarter, RestartOutcome
@@ -27,9 +28,10 @@ from .verify import Verdict, verify_activation
 # How often job.json is looked at while a settle window is open: it decides an early end.
 JOB_POLL_SECONDS = 0.25
 # Once every MD of the window shows mod_md's "notified-renewed", the window still waits this
-# long with no other renewal under way before it ends early. mod_md renews MDs one after
-# another: the next MD's job starts a moment after the previous hook returned, and its
-# `renewed` should join this restart rather than cause a second one.
+# long with no other renewal under way before it ends early, when another managed MD is due
+# for renewal too. mod_md renews MDs one after another: the next MD's job starts a moment
+# after the previous hook returned, and its `renewed` should join this restart rather than
+# cause a second one. When no other MD is due, nothing will join: no wait.
 QUIET_SECONDS = 1.0
 
 Verifier = Callable[[Store, Mapping[str, CertSet], Sequence[str], float], Awaitable[Verdict]]
@@ -78,6 +80,7 @@ class Engine:
         self.on_restart_finished: Callable[[bool, str, list[str]], None] = lambda ok, detail, mds: None
         self._wakeup = asyncio.Event()
         self._settled_since: float | None = None
+        self._quiet_needed = True
         self._load_state()
         self._announced = self.properties()
 
@@ -175,7 +178,14 @@ class Engine:
             return False
         if self._settled_since is None or self._settled_since > now:
             self._settled_since = now
-        return now - self._settled_since >= QUIET_SECONDS
+            # Asked once per quiet period, not at every poll: it reads every managed MD.
+            try:
+                due = others_due(self.store, pending, now)
+            except (BrokerError, OSError) as e:
+                log.warning(f"cannot tell which other MDs are due for renewal: {e}")
+                due = ["?"]
+            self._quiet_needed = bool(due)
+        return not self._quiet_needed or now - self._settled_since >= QUIET_SECONDS
 
     def properties(self) -> dict[str, Any]:
         return {
@@ -207,7 +217,8 @@ class Engine:
         The caller is already authorized. Raises the core's BrokerErrors, each with a
         message fit for the caller.
         """
-        if not self.limiter.allow(caller_uid, time.monotonic()):
+        # The engine's one clock: the limiter copes with a wall clock stepping backwards.
+        if not self.limiter.allow(caller_uid, self.clock()):
             raise RateLimited("too many requests; try again later")
         validate_md_name(md)
         try:

@@ -5,6 +5,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 
 from . import __version__, config, log
 
@@ -39,7 +40,10 @@ async def _serve(cfg: config.Config, bus_address: str | None) -> int:
     else:
         restarter = CommandRestarter(cfg.configtest_command, cfg.graceful_command, cfg.pid_file,
                                      cfg.command_timeout_seconds)
-    engine = Engine(cfg, Store(cfg.md_store), restarter, StateFile(cfg.state_dir))
+    # One clock for the whole core: the store's validity checks and the plan agree on "now".
+    clock = time.time
+    engine = Engine(cfg, Store(cfg.md_store, clock=clock), restarter, StateFile(cfg.state_dir),
+                    clock=clock)
     service = ApacheRestartService(bus, engine, Authorizer(bus, cfg.polkit_timeout_seconds,
                                                            cfg.allow_interactive_authorization),
                                    cfg.max_in_flight)

@@ -1,6 +1,8 @@
 """Every name the broker shows on the bus, in one place.
 
-The service, the clients and the tests import these; nothing else spells them out.
+The service, the clients, the tests and the harness import these. The deployment files
+(bus policy, polkit action, units) necessarily spell them out too; tests hold those against
+this module.
 The values are fixed by the project's contract: only ever add to them.
 """
 

@@ -13,6 +13,11 @@ from . import log, names
 from .dbuslib import Message, MessageType
 from .restart import RestartOutcome, config_test
 
+# JobRemoved signals kept while our own reload is in flight. The reply naming our job may be
+# processed after its JobRemoved, so results are recorded from the call on; other units' jobs
+# finishing meanwhile are the rest, and a busy systemd must not make this grow without bound.
+MAX_RECORDED_JOBS = 64
+
 
 class SystemdRestarter:
     def __init__(self, bus: Any, unit: str, configtest: Sequence[str], timeout: float):
@@ -20,7 +25,9 @@ class SystemdRestarter:
         self._unit = unit
         self._configtest = tuple(configtest)
         self._timeout = timeout
+        # Filled only while a reload of ours is in flight (see MAX_RECORDED_JOBS).
         self._finished_jobs: dict[str, str] = {}
+        self._recording = False
         self._job_done = asyncio.Event()
         self._subscribed = False
         self._systemd_owner: str | None = None
@@ -39,9 +46,12 @@ class SystemdRestarter:
         # signal is ignored (the bus policy lets only root send it to us, but be sure).
         if (msg.message_type == MessageType.SIGNAL and msg.member == "JobRemoved"
                 and msg.interface == names.SYSTEMD_MANAGER_INTERFACE and len(msg.body) == 4
-                and msg.sender is not None and msg.sender == self._systemd_owner):
+                and msg.sender is not None and msg.sender == self._systemd_owner
+                and self._recording):
             _id, job, _unit, result = msg.body
             self._finished_jobs[job] = result
+            while len(self._finished_jobs) > MAX_RECORDED_JOBS:
+                del self._finished_jobs[next(iter(self._finished_jobs))]
             self._job_done.set()
         return False  # let others see it too
 
@@ -78,6 +88,14 @@ class SystemdRestarter:
         refused = await config_test(self._configtest, self._timeout)
         if refused is not None:
             return refused
+        self._recording = True
+        try:
+            return await self._reload()
+        finally:
+            self._recording = False
+            self._finished_jobs.clear()
+
+    async def _reload(self) -> RestartOutcome:
         try:
             await self._subscribe()
             owner = await asyncio.wait_for(self._bus.call(Message(

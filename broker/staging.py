@@ -343,7 +343,7 @@ def _load_cert(data: bytes, st: os.stat_result, spec: _KeySpec, rel: str) -> _Lo
         )
     except StagingInvalid:
         raise
-    except Exception:  # noqa: BLE001 - whatever a malformed certificate makes the parser raise
+    except Exception:
         raise StagingInvalid("cert-parse", f"{rel} holds a certificate that does not parse") from None
     return _Loaded(info, ips, st.st_mtime)
 
@@ -578,7 +578,7 @@ class Store:
                 if got is None:
                     return None
                 return _parse_json(got[0], rel, "job-json"), got[1].st_mtime
-        except Exception:  # noqa: BLE001 - documented: never raises
+        except Exception:
             return None
 
     def job_notified(self, md: str) -> bool:
@@ -618,7 +618,7 @@ class Store:
             with _Fds() as fds:
                 opened = self._open_staging(fds, md)
                 return None if opened is None else os.fstat(opened[1]).st_mtime
-        except Exception:  # noqa: BLE001 - advisory: anything odd counts as "not renewing"
+        except Exception:
             return None
 
     def active(self, md: str) -> CertSet | None:

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from broker.names import BUS_NAME, INTERFACE, OBJECT_PATH
+
 from .bus import name_has_owner
 from .procs import HarnessError, make_dir, write_file
 
@@ -41,9 +43,6 @@ if TYPE_CHECKING:
     from .node import Node
     from .stack import ProcessSpec, Stack
 
-BUS_NAME = "org.masysma.ApacheRestart"
-OBJECT_PATH = "/org/masysma/ApacheRestart"
-INTERFACE = "org.masysma.ApacheRestart"
 HOOK_PROGRAM = "apache-restart-hook"
 APACHE_USER = "www-data"
 
@@ -372,7 +371,7 @@ class BusWatcher:
     def _run(self) -> None:
         try:
             asyncio.run(self._main())
-        except BaseException as e:  # noqa: BLE001 - reported to start() or seen as no events
+        except BaseException as e:
             self._error = e
             self._ready.set()
 
@@ -421,7 +420,7 @@ class BusWatcher:
         for listener in list(self.listeners):
             try:
                 listener(event)
-            except Exception:  # noqa: BLE001, S110 - a listener must not break the watcher
+            except Exception:
                 pass
         return False
 

@@ -72,6 +72,15 @@ async def name_has_owner(bus, name: str) -> bool:
     return bool(reply.body[0])
 
 
+async def wait_until(predicate, timeout: float, interval: float = 0.01) -> None:
+    """Return as soon as `predicate()` holds; fail with AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
 async def wait_for_name(bus, name: str, timeout: float = 10, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not await name_has_owner(bus, name):

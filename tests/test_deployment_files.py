@@ -31,6 +31,7 @@ import pytest
 
 from broker import config as broker_config
 from harness.bus import BUS_CONFIG
+from tests import tiers
 from broker import names
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,11 +88,7 @@ HOOK_LINK = "/usr/local/bin/apache-restart-hook"
 DBUS_ENVIRONMENT_NOISE = re.compile(r"Failed to set fd limit")
 
 
-def need(tool: str) -> str:
-    path = shutil.which(tool, path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-    if path is None:
-        pytest.skip(f"{tool} is not installed")
-    return path
+need = tiers.need
 
 
 def run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
@@ -372,14 +369,13 @@ def shared_dir() -> Iterator[Path]:
 
 def test_bus_enforces_the_policy(tmp_path: Path, shared_dir: Path) -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root (to run callers as other users)")
-    pytest.importorskip("dbus_fast")
+        tiers.unavailable("needs root (to run callers as other users)")
     runuser, dbus_send = need("runuser"), need("dbus-send")
     for user in (APACHE_USER, "nobody"):
         try:
             pwd.getpwnam(user)
         except KeyError:
-            pytest.skip(f"no user {user}")
+            tiers.unavailable(f"no user {user}")
     helper_policy = ('<policy user="root"><allow own="org.example.Helper"/>'
                      '<allow send_destination="org.example.Helper"/></policy>')
     config = bus_config(tmp_path, {f"{names.BUS_NAME}.conf": BUS_POLICY.read_text()},
@@ -478,7 +474,7 @@ def test_activation_file_hands_activation_to_systemd() -> None:
 def test_polkit_policy_is_valid_against_polkits_dtd(tmp_path: Path) -> None:
     xmllint = need("xmllint")
     if not POLKIT_DTD.is_file():
-        pytest.skip(f"{POLKIT_DTD} is missing (polkitd not installed)")
+        tiers.unavailable(f"{POLKIT_DTD} is missing (polkitd not installed)")
     result = run([xmllint, "--noout", "--nonet", "--dtdvalid", str(POLKIT_DTD), str(POLKIT_POLICY)])
     assert result.returncode == 0 and not result.stderr, result.stderr
     # The negative control: an unknown element is refused by the same check.
@@ -593,7 +589,7 @@ def host_unit_dir() -> Path:
     for d in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")):
         if (d / "sysinit.target").exists():
             return d
-    pytest.skip("no systemd unit directory with sysinit.target here")
+    tiers.unavailable("no systemd unit directory with sysinit.target here")
 
 
 def exec_paths(unit_text: str) -> list[str]:
@@ -828,7 +824,7 @@ def test_install_stages_every_file_with_its_mode(tmp_path: Path) -> None:
 def test_installed_policy_for_another_user_loads_in_dbus_daemon(tmp_path: Path) -> None:
     other = next((u for u in ("daemon", "nobody", "bin") if _user_exists(u)), None)
     if other is None:
-        pytest.skip("no second system user to substitute")
+        tiers.unavailable("no second system user to substitute")
     destdir = staged(tmp_path, "--apache-user", other)
     policy = (destdir / f"usr/share/dbus-1/system.d/{names.BUS_NAME}.conf").read_text()
     assert load_complaints(tmp_path, policy) == []
@@ -921,7 +917,21 @@ def test_install_does_not_replace_someone_elses_program(tmp_path: Path) -> None:
 
 
 def test_install_needs_root_without_destdir() -> None:
+    # The suite runs as root, where a live install would touch this machine: the refusal is
+    # tried as an unprivileged user, from a copy that user can read.
+    argv = [sys.executable, str(INSTALL)]
     if os.geteuid() == 0:
-        pytest.skip("runs as root: a live install would touch this machine")
-    result = install(env={"DESTDIR": ""})
-    assert result.returncode != 0 and "root" in result.stderr
+        runuser = need("runuser")
+        d = Path(tempfile.mkdtemp(prefix="arb-install-", dir="/tmp"))
+        try:
+            d.chmod(0o755)
+            shutil.copy(INSTALL, d / "install")
+            (d / "install").chmod(0o755)
+            result = run([runuser, "-u", "nobody", "--", "/usr/bin/python3", str(d / "install")],
+                         env={"PATH": "/usr/bin:/bin"}, cwd=str(d))
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    else:
+        result = run(argv, env={"PATH": "/usr/bin:/bin", "DESTDIR": ""})
+    assert result.returncode != 0
+    assert "installing on this system needs root" in result.stderr, result.stderr

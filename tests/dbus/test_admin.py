@@ -12,7 +12,7 @@ import pytest
 
 import broker
 from broker import names
-from tests import busutil, storefactory
+from tests import busutil, storefactory, tiers
 from tests.busutil import get_property
 
 VENV_BIN = Path(sys.executable).parent
@@ -201,7 +201,7 @@ async def test_check_all(start_broker, client, bus_address, mixed_store):
 
 async def test_status_needs_root(start_broker, bus_address):
     if not ADMIN_SCRIPT.exists():
-        pytest.skip("apache-restart is not installed in the venv")
+        tiers.unavailable("apache-restart is not installed in the venv")
     await start_broker()
     # status: root, or whom polkit grants the read action (here polkit grants nothing).
     for command, refusal in (("status", ""), ("check-all", "only root")):

@@ -6,6 +6,7 @@ from broker import dbuslib, names
 from broker.authz import Caller
 from broker.errors import AccessDenied
 from broker.service import ApacheRestartService
+from tests import busutil
 from tests.busutil import call, error_of
 
 
@@ -114,18 +115,32 @@ async def test_requests_in_flight_are_capped_before_authorization(bus_address, c
 async def test_no_reply_expected_gets_no_reply(bus_address, client):
     engine = ExplodingEngine()
     bus, service = await _serve(bus_address, engine, AllowAll())
+    # Everything the service sends, as the bus daemon would drop an unexpected reply before
+    # the client could see it.
+    sent = []
+
+    class RecordingBus:
+        def __getattr__(self, name):
+            return getattr(bus, name)
+
+        def send(self, msg):
+            sent.append(msg)
+            return bus.send(msg)
+    service.bus = RecordingBus()
     try:
         from broker.dbuslib import Message, MessageFlag
-        await client.send(Message(destination=names.BUS_NAME, path=names.OBJECT_PATH,
-                                  interface=names.INTERFACE, member="RequestGracefulRestart",
-                                  signature="s", body=["a.example.test"],
-                                  flags=MessageFlag.NO_REPLY_EXPECTED))
-        for _ in range(50):
-            if engine.requests:
-                break
-            await asyncio.sleep(0.02)
-        assert engine.requests == 1
-        assert service.in_flight == 0
+        call = Message(destination=names.BUS_NAME, path=names.OBJECT_PATH,
+                       interface=names.INTERFACE, member="RequestGracefulRestart",
+                       signature="s", body=["a.example.test"], flags=MessageFlag.NO_REPLY_EXPECTED)
+        await client.send(call)
+        await busutil.wait_until(lambda: engine.requests == 1 and service.in_flight == 0, 5)
+        # The same call expecting a reply gets one (the negative control for the check below).
+        reply = await client.call(Message(destination=names.BUS_NAME, path=names.OBJECT_PATH,
+                                          interface=names.INTERFACE, member="RequestGracefulRestart",
+                                          signature="s", body=["a.example.test"]))
+        assert reply.error_name == names.ERROR_INTERNAL
+        answers = [m.reply_serial for m in sent if m.reply_serial]
+        assert answers == [reply.reply_serial], answers
     finally:
         bus.disconnect()
 

@@ -1,7 +1,7 @@
 """Fixtures for the end-to-end tier: the harness's stack, a folder www-data can reach, log dumps.
 
 These tests need root and Debian's apache2 (with mod_md), pebble, dbus and polkitd. Where that is
-missing they are skipped with the reason; with ARB_E2E_REQUIRED=1 (CI) they fail instead, so a
+missing they are skipped with the reason; with ARB_TIERS_REQUIRED=1 (./scripts/test) they fail instead, so a
 machine that cannot run them never passes as green.
 """
 
@@ -19,6 +19,7 @@ import pytest
 
 from harness import Stack, marked_pids, running_stack
 from harness.procs import make_dir
+from tests import tiers
 
 REQUIRED_PROGRAMS = ("apache2", "pebble", "dbus-daemon", "dbus-send", "gdbus", "unshare", "setpriv")
 REQUIRED_FILES = ("/usr/lib/polkit-1/polkitd", "/usr/lib/apache2/modules/mod_md.so")
@@ -38,9 +39,7 @@ def _e2e_requirements() -> None:
     missing = _missing()
     if missing:
         reason = "end-to-end tests need " + ", ".join(missing) + " (Debian: apache2 pebble dbus polkitd)"
-        if os.environ.get("ARB_E2E_REQUIRED") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        tiers.unavailable(reason)
 
 
 @pytest.fixture

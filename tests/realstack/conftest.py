@@ -1,7 +1,7 @@
 """Fixtures for the real-stack tier (see stack.py): the stack per test, log dumps on failure.
 
 Where root, dbus-daemon, polkitd, runuser or the users www-data and nobody are missing, the tests
-are skipped with the reason; with ARB_REALSTACK_REQUIRED=1 (CI) they fail instead, so a machine
+are skipped with the reason; with ARB_TIERS_REQUIRED=1 (./scripts/test) they fail instead, so a machine
 that cannot run them never passes as green.
 """
 

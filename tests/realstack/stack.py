@@ -29,7 +29,7 @@ import pytest
 from broker import names
 from harness.bus import POLKIT_BUS_POLICY, POLKITD, Polkitd, PrivateBus
 from harness.procs import BASE_ENV, ManagedProcess, harness_env, make_dir, tail, wait_for
-from tests import busutil, storefactory
+from tests import busutil, storefactory, tiers
 
 REPO = Path(__file__).resolve().parent.parent.parent
 SHIPPED_BUS_POLICY = REPO / "dbus" / f"{names.BUS_NAME}.conf"
@@ -60,11 +60,7 @@ def missing_requirements() -> list[str]:
     return missing
 
 
-def skip_or_fail(reason: str) -> None:
-    """Skip, or fail where the tier is required (CI: ARB_REALSTACK_REQUIRED=1)."""
-    if os.environ.get("ARB_REALSTACK_REQUIRED") == "1":
-        pytest.fail(reason + " (ARB_REALSTACK_REQUIRED=1)")
-    pytest.skip(reason)
+skip_or_fail = tiers.unavailable
 
 
 # --------------------------------------------------------------------------------------

@@ -3,13 +3,12 @@
 Needs root, systemd-nspawn (Debian: systemd-container), mmdebstrap and zstd, and the first run of a
 week needs the Debian mirror and PyPI (the root file system and the wheelhouse are cached under
 /var/cache/apache-restart-broker-test/). Where something is missing the tests are skipped with the
-reason. With ARB_SYSTEMD_TIER=1 the missing host packages are installed first (never upgrading an
+reason. With ARB_TIERS_REQUIRED=1 the missing host packages are installed first (never upgrading an
 installed package: see harness.nspawn.install_host_tools), and anything still missing fails.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,10 +17,10 @@ from typing import Any
 import pytest
 
 from harness import nspawn
+from tests import tiers
 from harness.procs import HarnessError
 
 REPO = Path(__file__).resolve().parent.parent.parent
-TIER_ENV = "ARB_SYSTEMD_TIER"
 
 # Phase -> seconds, and other measurements (name -> text), printed at the end of the session.
 TIMINGS: dict[str, float] = {}
@@ -31,13 +30,11 @@ CURRENT: list[nspawn.Container] = []
 
 
 def required() -> bool:
-    return os.environ.get(TIER_ENV) == "1"
+    """May this tier install its host tools? Only where every tier is required (the suite)."""
+    return tiers.required()
 
 
-def skip_or_fail(reason: str) -> None:
-    if required():
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
+skip_or_fail = tiers.unavailable
 
 
 def note(name: str, seconds: float) -> None:
@@ -61,7 +58,7 @@ def host_ready() -> None:
         missing = nspawn.missing_prerequisites()
     if missing:
         skip_or_fail("the systemd tier needs " + ", ".join(missing)
-                     + f" (Debian: {' '.join(nspawn.HOST_PACKAGES)}; {TIER_ENV}=1 installs them)")
+                     + f" (Debian: {' '.join(nspawn.HOST_PACKAGES)}; {tiers.REQUIRED_ENV}=1 installs them)")
 
 
 @pytest.fixture(scope="session")

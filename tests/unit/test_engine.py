@@ -1,6 +1,7 @@
 """The core's whole flow without D-Bus: request, settle, restart, verify, remember."""
 
 import asyncio
+import json
 
 import pytest
 
@@ -45,6 +46,7 @@ def make_engine(tmp_path, store, apache, clock, **cfg):
                            "settle_seconds": 10, "min_interval_seconds": 60,
                            "verify_timeout_seconds": 0, **cfg})
     finished = []
+    # The store keeps the real clock: the files' mtimes it compares with are real.
     engine = Engine(config, Store(str(store)), apache, StateFile(str(tmp_path / "state")), clock=clock)
     engine.on_restart_finished = lambda ok, detail, names: finished.append((ok, detail, names))
     return engine, finished
@@ -156,8 +158,16 @@ async def test_refusals_change_nothing(tmp_path, store):
         engine.request(MD, caller_uid=0)
 
 
+def add_due_md(store, md="due.example.test"):
+    """A managed MD with no certificate yet: mod_md is due to renew it, so its `renewed` may
+    join the window."""
+    (store / "domains" / md).mkdir(parents=True)
+    (store / "domains" / md / "md.json").write_text(json.dumps(storefactory.md_json(md)))
+
+
 async def test_run_loop_restarts_early_when_mod_md_notified(tmp_path, store):
     storefactory.add_staged(store, MD, [MD], job={"notified-renewed": False})
+    add_due_md(store)
     clock = Clock()
     apache = FakeApache(store)
     engine, finished = make_engine(tmp_path, store, apache, clock, settle_seconds=3600)
@@ -184,6 +194,7 @@ async def test_window_waits_while_mod_md_renews_another_md(tmp_path, store):
     storefactory.add_staged(store, MD, [MD], job={"notified-renewed": True})
     other = "next.example.test"
     storefactory.add_staged(store, other, [other], job={"finished": False})
+    add_due_md(store)
     clock = Clock()
     apache = FakeApache(store)
     engine, finished = make_engine(tmp_path, store, apache, clock, settle_seconds=3600)
@@ -207,6 +218,7 @@ async def test_window_waits_for_the_next_md_before_its_job_json(tmp_path, store)
     nxt = store / "staging" / "next.example.test"
     nxt.mkdir()
     (nxt / "md.json").write_text("{}")
+    add_due_md(store)
     clock = Clock()
     engine, _ = make_engine(tmp_path, store, FakeApache(store), clock, settle_seconds=3600)
     engine.request(MD, caller_uid=33)
@@ -217,3 +229,20 @@ async def test_window_waits_for_the_next_md_before_its_job_json(tmp_path, store)
     assert engine.planned_at_usec > int(clock.t * 1_000_000)  # the quiet second starts now
     clock.t += 1.5
     assert engine.planned_at_usec <= int(clock.t * 1_000_000)
+
+
+async def test_no_quiet_wait_when_no_other_md_is_due(tmp_path, store):
+    # Another managed MD, far from its renewal window: nothing will join this restart.
+    storefactory.add_active(store, "fresh.example.test", ["fresh.example.test"])
+    storefactory.add_staged(store, MD, [MD], job={"notified-renewed": True})
+    clock = Clock()
+    engine, _ = make_engine(tmp_path, store, FakeApache(store), clock, settle_seconds=3600)
+    engine.request(MD, caller_uid=33)
+    assert engine.planned_at_usec <= int(clock.t * 1_000_000)  # due at once, no quiet second
+    # The same with an MD that is due: the quiet second is kept.
+    add_due_md(store)
+    engine2, _ = make_engine(tmp_path / "2", store, FakeApache(store), clock, settle_seconds=3600)
+    engine2.request(MD, caller_uid=33)
+    assert engine2.planned_at_usec > int(clock.t * 1_000_000)
+    clock.t += 1.5
+    assert engine2.planned_at_usec <= int(clock.t * 1_000_000)
