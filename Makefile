@@ -1,5 +1,5 @@
-# Both targets need root on Debian 12; each installs what it needs first (scripts/setup-env).
-.PHONY: demo test
+# Every target needs root on Debian 12; each installs what it needs first.
+.PHONY: demo test deb
 
 # The project working end to end: mod_md, pebble, the broker and the hook on loopback.
 demo:
@@ -8,3 +8,7 @@ demo:
 # Every test tier.
 test:
 	./scripts/test
+
+# The Debian package, left in dist/ (installs its build dependencies first).
+deb:
+	./scripts/build-deb

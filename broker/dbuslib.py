@@ -42,6 +42,7 @@ if LIB_NAME == "dbus_fast":
         Variant,
     )
     from dbus_fast.aio import MessageBus
+    from dbus_fast.introspection import Node
     from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 else:
     from dbus_next import (  # type: ignore[no-redef,assignment]  # noqa: F401
@@ -54,6 +55,7 @@ else:
         Variant,
     )
     from dbus_next.aio import MessageBus  # type: ignore[no-redef,assignment]
+    from dbus_next.introspection import Node  # type: ignore[no-redef,assignment]  # noqa: F401
     from dbus_next.service import (  # type: ignore[no-redef,assignment]  # noqa: F401
         ServiceInterface,
         dbus_property,

@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from . import __version__, log, metrics, storelock
+from . import __version__, log, metrics, selftest, storelock
 from .config import Config
 from .due import others_due
 from .errors import AlreadyFailed, BrokerError, NothingStaged, RateLimited
@@ -23,6 +23,7 @@ from .scheduler import Scheduler
 from .served import RefreshMemory, Served, behind, probe_all, sni_name
 from .staging import CertSet, Store, validate_md_name
 from .state import StateFile
+from .timefmt import local_iso
 from .verify import Verdict, verify_activation
 
 # How often job.json is looked at while a settle window is open: it decides an early end.
@@ -75,6 +76,9 @@ class Engine:
         self.scheduler = Scheduler(cfg.settle_seconds, cfg.min_interval_seconds)
         self.last_restart_usec = 0
         self.last_result = ""
+        # When the attempt that produced last_result ran: a config test that failed issued no
+        # restart, so LastRestart still names an earlier one.
+        self.last_result_usec = 0
         self.restarting = False
         self.on_properties_changed: Callable[[dict[str, Any]], None] = lambda changed: None
         self.on_restart_finished: Callable[[bool, str, list[str]], None] = lambda ok, detail, mds: None
@@ -102,14 +106,18 @@ class Engine:
                 self.scheduler.restore(in_progress, self.clock())
             last_restart = data.get("last_restart_usec", 0)
             last_result = data.get("last_result", "")
-            if not isinstance(last_restart, int) or not isinstance(last_result, str):
-                raise ValueError("last_restart_usec/last_result have wrong types")
+            # Older state files lack it: the result then belongs to the last restart.
+            last_result_usec = data.get("last_result_usec", last_restart)
+            if not all(type(v) is int and v >= 0 for v in (last_restart, last_result_usec)) or \
+                    not isinstance(last_result, str):
+                raise ValueError("last_restart_usec/last_result/last_result_usec have wrong types")
             self.last_restart_usec, self.last_result = last_restart, last_result
+            self.last_result_usec = last_result_usec
             self._load_cluster_state(data)
         except (ValueError, TypeError, KeyError) as e:
             log.warning(f"state file content not usable, starting afresh: {e}")
             self.scheduler = Scheduler(self.cfg.settle_seconds, self.cfg.min_interval_seconds)
-            self.last_restart_usec, self.last_result = 0, ""
+            self.last_restart_usec, self.last_result, self.last_result_usec = 0, "", 0
             self.refresh_pending, self.refresh_failed = {}, RefreshMemory()
             self.restart_counts = {"ok": 0, "failed": 0}
         if self.scheduler.pending:
@@ -136,6 +144,7 @@ class Engine:
             "in_progress": dict(in_progress or {}),
             "last_restart_usec": self.last_restart_usec,
             "last_result": self.last_result,
+            "last_result_usec": self.last_result_usec,
             "refresh_pending": dict(self.refresh_pending),
             "refresh_failed": self.refresh_failed.to_dict(),
             "restarts": dict(self.restart_counts),
@@ -231,6 +240,38 @@ class Engine:
                 return self._schedule_refresh({md: active})
             raise
         return self._schedule({md: staged}, override=(caller_uid == 0))
+
+    def dry_run(self, md: str, caller_uid: int) -> int:
+        """What request() would answer now, scheduling nothing: the planned time, or its error.
+
+        Limited like a request (it costs as much): `apache-restart test` runs it as the Apache
+        user to prove that the bus policy and polkit let the hook through.
+        """
+        if not self.limiter.allow(caller_uid, self.clock()):
+            raise RateLimited("too many requests; try again later")
+        validate_md_name(md)
+        staged = self.store.check_staged(md)
+        trial = Scheduler.from_dict(self.scheduler.to_dict(), self.cfg.settle_seconds,
+                                    self.cfg.min_interval_seconds)
+        now = self.clock()
+        planned = trial.add(md, staged.fingerprint, now, override=(caller_uid == 0))
+        return _usec(max(now, planned))
+
+    async def self_test(self, md: str) -> dict[str, Any]:
+        """The broker's checks for `apache-restart test` (see selftest.py); changes nothing."""
+        running = getattr(self.restarter, "apache_running", None)
+        apache_running = None
+        if self.cfg.restart_via == "command" and callable(running):
+            pid_file = self.cfg.pid_file
+
+            def apache_running() -> tuple[bool, str]:
+                if running():
+                    return True, f"a live process is named in {pid_file}"
+                return False, f"no live process is named in {pid_file}"
+        steps = await selftest.run(self.cfg.md_store, self.store, md, dict(self.scheduler.failed),
+                                   self.cfg.configtest_command, self.cfg.command_timeout_seconds,
+                                   self.cfg.probe, apache_running)
+        return selftest.as_json(steps)
 
     def _schedule(self, sets: Mapping[str, CertSet], override: bool) -> int:
         now = self.clock()
@@ -374,12 +415,20 @@ class Engine:
             entry["served"] = [s.to_json() for s in self.last_served.get(md, [])]
             mds.append(entry)
         props = self.properties()
+        now = self.clock()
+        settled = self._settled(now)
+        plan = self.scheduler.plan(now, lambda md: settled)
+        retry = self.scheduler.retry
         return {
             "version": props["Version"],
             "pending": props["Pending"],
             "planned_at_usec": props["PlannedAt"],
+            "waiting_for": plan[1] if plan is not None and plan[0] > now else "",
+            "retry": None if retry is None else {
+                "attempts": retry.attempts, "at_usec": _usec(retry.at), "reason": retry.reason},
             "last_restart_usec": props["LastRestart"],
             "last_result": props["LastResult"],
+            "last_result_usec": self.last_result_usec,
             "restarting": self.restarting,
             "md_store": self.cfg.md_store,
             "mds": mds,
@@ -434,12 +483,17 @@ class Engine:
         if not sets:
             if already_active:
                 log.info(f"{', '.join(already_active)}: already active, no restart needed")
+            if not self.scheduler.pending:
+                self.scheduler.clear_retry()  # nothing left that a retry would be for
             self._announce()
             return
         # Another node of a cluster may be activating from the shared store right now.
         await self.store_lock()
         outcome: RestartOutcome = await self.restarter.restart()
         now = self.clock()
+        self.last_result_usec = _usec(now)
+        if not outcome.issued:
+            self._hold({md: s.fingerprint for md, s in sets.items()}, now, outcome.detail)
         if outcome.issued:
             self.scheduler.record_restart(now)
             self.last_restart_usec = _usec(now)
@@ -490,6 +544,14 @@ class Engine:
                 log.warning(f"{md}: the restart did not make this node serve the active certificate; "
                             "it will not be restarted for it again (root may request it)")
 
+    def _hold(self, batch: dict[str, str], now: float, why: str) -> None:
+        """No restart was issued (config test, Apache not running): retry the batch later."""
+        retry = self.scheduler.hold(batch, now, why)
+        first = sorted(batch)[0]
+        log.warning(f"restart for {', '.join(sorted(batch))} held back ({why}); retry {retry.attempts} "
+                    f"at the latest at {local_iso(retry.at)}; after fixing the cause, retry now with: "
+                    f"apache-restart request {first}")
+
     def _recheck(self, batch: Mapping[str, str]) -> tuple[dict[str, CertSet], list[str], list[str]]:
         """Look at each MD again just before restarting: staging may have changed meanwhile."""
         sets: dict[str, CertSet] = {}
@@ -532,6 +594,7 @@ def _set_summary(s: CertSet) -> dict[str, Any]:
     return {
         "since_usec": _usec(s.since),
         "fingerprint": s.fingerprint,
+        "names": list(s.names),
         "certs": [
             {"key_type": c.key_type, "serial": c.serial, "sha256": c.sha256, "issuer": c.issuer,
              "not_before_usec": _usec(c.not_before), "not_after_usec": _usec(c.not_after)}

@@ -9,14 +9,52 @@ import time
 
 from . import __version__, config, log
 
+# The unit's RestartPreventExitStatus= names this: restarting cannot cure a broken config.
+EXIT_CONFIG = 2
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; --help and the manual page are both made from it."""
     p = argparse.ArgumentParser(prog="apache-restart-broker",
                                 description="Graceful Apache restarts for mod_md, on the system bus.")
     p.add_argument("--config", help=f"TOML configuration (default {config.DEFAULT_PATH})")
     p.add_argument("--bus-address", help="bus to serve on (default: the system bus)")
-    p.add_argument("--version", action="version", version=__version__)
-    return p.parse_args(argv)
+    p.add_argument("--check-config", action="store_true",
+                   help="only check the configuration file and exit: 0 when usable, 2 with the problem")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def settings_line(cfg: config.Config) -> str:
+    """The settings an admin asks about first, for the start line and --check-config."""
+    via = f"systemd ({cfg.systemd_unit})" if cfg.restart_via == "systemd" else "command"
+    probes = ", ".join(cfg.probe) if cfg.probe else "off"
+    anchors = ", ".join(cfg.trust_anchors) if cfg.trust_anchors else "none"
+    return (f"store {cfg.md_store}, restart via {via}, settle {cfg.settle_seconds:g} s, "
+            f"min interval {cfg.min_interval_seconds:g} s, probes {probes}, trust anchors {anchors}")
+
+
+def check_warnings(cfg: config.Config) -> list[str]:
+    """What a valid configuration will still meet on this host: the broker starts anyway
+    (the store may appear later, a command may be installed later), but an admin checking
+    the file wants to hear it now."""
+    warnings = []
+    if not os.path.isdir(cfg.md_store):
+        warnings.append(f"md_store {cfg.md_store} is not a directory (yet): nothing will be found to activate")
+    commands = [("configtest_command", cfg.configtest_command)]
+    if cfg.restart_via == "command":
+        commands.append(("graceful_command", cfg.graceful_command))
+    for key, argv in commands:
+        if argv and not (os.path.isabs(argv[0]) and os.access(argv[0], os.X_OK)):
+            warnings.append(f"{key}: {argv[0]} is not an executable program here (PATH {config.COMMAND_PATH})")
+    for anchor in cfg.trust_anchors:
+        if not os.path.isfile(anchor):
+            warnings.append(f"trust_anchors: {anchor} is not a file")
+    return warnings
 
 
 async def _serve(cfg: config.Config, bus_address: str | None) -> int:
@@ -53,8 +91,8 @@ async def _serve(cfg: config.Config, bus_address: str | None) -> int:
     if code != 1:  # PRIMARY_OWNER
         log.err(f"could not own {names.BUS_NAME} (reply {code}): another broker runs?")
         return 1
-    log.notice(f"apache-restart-broker {__version__} serving {names.BUS_NAME} ({dbuslib.LIB_NAME}), "
-               f"restart via {cfg.restart_via}, store {cfg.md_store}")
+    log.notice(f"apache-restart-broker {__version__} serving {names.BUS_NAME} ({dbuslib.LIB_NAME}): "
+               + settings_line(cfg))
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -108,8 +146,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load(args.config)
     except config.ConfigError as e:
-        log.err(f"configuration: {e}")
-        return 2
+        if args.check_config:  # an admin at a terminal: plain text, no log priority prefix
+            print(f"apache-restart-broker: configuration: {e}", file=sys.stderr)
+        else:
+            log.err(f"configuration: {e}")
+        return EXIT_CONFIG
+    if args.check_config:
+        path = args.config or config.DEFAULT_PATH
+        source = path if os.path.exists(path) else f"{path} (absent: all defaults)"
+        print(f"{source}: ok: {settings_line(cfg)}")
+        for warning in check_warnings(cfg):
+            print(f"apache-restart-broker: warning: {warning}", file=sys.stderr)
+        return 0
     if os.geteuid() != 0:
         log.warning("not running as root: restarting Apache and reading its store will likely fail")
     try:

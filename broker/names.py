@@ -42,6 +42,9 @@ SYSTEMD_BUS_NAME = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"
 SYSTEMD_MANAGER_INTERFACE = "org.freedesktop.systemd1.Manager"
 SYSTEMD_UNIT_INTERFACE = "org.freedesktop.systemd1.Unit"
+# The broker's own unit (the activation file's SystemdService=): the admin command asks
+# systemd about it when the broker does not answer.
+BROKER_UNIT = "apache-restart-broker.service"
 DBUS_BUS_NAME = "org.freedesktop.DBus"
 DBUS_PATH = "/org/freedesktop/DBus"
 DBUS_INTERFACE = "org.freedesktop.DBus"

@@ -13,6 +13,11 @@ Rules, and why:
 - A staged set that a restart already failed to activate is not restarted for again unless
   root asks: www-data could otherwise make Apache restart every `min_interval` forever with a
   set that can never be activated.
+- A restart that was never issued (the config test failed, Apache was not running) is
+  retried on its own, `min_interval` after the failure and then twice as long each time, up
+  to RETRY_CAP: the admin usually fixes the config soon, and the renewed certificate should
+  follow without waiting for the daily timer; backing off keeps a config that stays broken
+  from running the config test every few minutes for weeks. Root's request retries at once.
 
 Wall-clock time is used because plans are reported to callers and persisted across restarts
 of the broker; the clock may therefore jump. A jump backwards must not postpone a restart by
@@ -27,7 +32,21 @@ from dataclasses import dataclass
 
 from . import errors
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+# Version 1 had no `retry`; it is read as "no retry scheduled".
+_KEYS_V1 = frozenset({"version", "pending", "window_opened_at", "last_restart_at", "failed"})
+_KEYS_V2 = _KEYS_V1 | {"retry"}
+
+# Retries of a restart that was held back by a failed config test: the first after
+# `min_interval` (at least RETRY_FLOOR), then doubling, at most RETRY_CAP apart (unless
+# min_interval is longer).
+RETRY_FLOOR = 1.0
+RETRY_CAP = 3600.0
+MAX_REASON_LEN = 512
+
+# Why the pending restart waits (Scheduler.plan): the settle window, min_interval since the
+# last restart, or the retry schedule after a held-back restart.
+WAIT_SETTLE, WAIT_INTERVAL, WAIT_RETRY = "settle", "min_interval", "retry"
 
 # www-data decides which MD names get staged; keep what an endless stream of failing sets can
 # make us remember bounded. Forgetting the oldest only allows one more restart for it.
@@ -38,6 +57,15 @@ MAX_FAILED = 4096
 class Pending:
     fingerprint: str
     requested_at: float
+
+
+@dataclass
+class Retry:
+    """A restart held back (not issued): how often so far, when again, and why."""
+
+    attempts: int
+    at: float
+    reason: str
 
 
 def _check_duration(what: str, value: float) -> float:
@@ -64,6 +92,7 @@ class Scheduler:
         self.window_opened_at: float | None = None
         self.last_restart_at: float = 0.0
         self.failed: dict[str, str] = {}
+        self.retry: Retry | None = None
 
     def _clamp(self, now: float) -> None:
         # Stored on purpose: clamping only in the computation would make the planned time
@@ -87,6 +116,7 @@ class Scheduler:
             raise ValueError("md and fingerprint must not be empty")
         if override:
             self.failed.pop(md, None)
+            self.retry = None  # root asks to try now: the admin has fixed what held it back
         elif self.failed.get(md) == fingerprint:
             raise errors.AlreadyFailed(
                 f"a restart already failed to activate the certificate set staged for {md}; "
@@ -108,6 +138,11 @@ class Scheduler:
         A result at or before `now` means "due". `notified(md)` is asked only while the settle
         window is still open; it should answer False when it cannot tell.
         """
+        plan = self.plan(now, notified)
+        return None if plan is None else plan[0]
+
+    def plan(self, now: float, notified: Callable[[str], bool]) -> tuple[float, str] | None:
+        """planned_at() and what it waits for (WAIT_*): the latest of the constraints."""
         if not self.pending:
             return None
         now = _check_now(now)
@@ -118,7 +153,27 @@ class Scheduler:
         window_end = self.window_opened_at + self.settle
         if window_end > now and all(notified(md) for md in self.pending):
             window_end = now
-        return max(window_end, self.last_restart_at + self.min_interval)
+        waits = [(window_end, WAIT_SETTLE), (self.last_restart_at + self.min_interval, WAIT_INTERVAL)]
+        if self.retry is not None:
+            waits.append((self.retry.at, WAIT_RETRY))
+        # On a tie the first wins: the settle window is what a request expects to wait for.
+        return max(waits, key=lambda w: w[0])
+
+    def retry_delay(self, attempts: int) -> float:
+        """How long after the `attempts`-th held-back restart the next try runs."""
+        base = max(self.min_interval, RETRY_FLOOR)
+        return min(base * 2.0 ** min(attempts - 1, 32), max(RETRY_CAP, base))
+
+    def hold(self, batch: dict[str, str], now: float, reason: str) -> Retry:
+        """A taken batch was not restarted for (config test failed, ...): retry it later."""
+        now = _check_now(now)
+        attempts = (self.retry.attempts if self.retry else 0) + 1
+        self.restore(batch, now)
+        self.retry = Retry(attempts, now + self.retry_delay(attempts), reason[:MAX_REASON_LEN])
+        return self.retry
+
+    def clear_retry(self) -> None:
+        self.retry = None
 
     def take_batch(self) -> dict[str, str]:
         """Pop everything pending (md -> fingerprint) and close the window."""
@@ -147,6 +202,7 @@ class Scheduler:
 
     def record_restart(self, now: float) -> None:
         self.last_restart_at = _check_now(now)
+        self.retry = None
 
     def record_outcome(self, batch: dict[str, str], activated: set[str]) -> None:
         """After verification: remember the sets of `batch` that did not become active.
@@ -171,6 +227,8 @@ class Scheduler:
             "window_opened_at": self.window_opened_at,
             "last_restart_at": self.last_restart_at,
             "failed": dict(self.failed),
+            "retry": None if self.retry is None else {
+                "attempts": self.retry.attempts, "at": self.retry.at, "reason": self.retry.reason},
         }
 
     @classmethod
@@ -183,13 +241,13 @@ class Scheduler:
         s = cls(settle, min_interval)
         _expect(isinstance(d, dict), "not an object")
         assert isinstance(d, dict)
-        expected = {"version", "pending", "window_opened_at", "last_restart_at", "failed"}
+        version = d.get("version")
+        _expect(type(version) is int and version in (1, STATE_VERSION), f"unsupported version {version!r}")
+        expected = _KEYS_V1 if version == 1 else _KEYS_V2
         if set(d) != expected:
             unknown = sorted(str(k) for k in set(d) - expected)
             missing = sorted(expected - set(d))
             raise ValueError(f"scheduler state: unknown keys {unknown}, missing keys {missing}")
-        version = d["version"]
-        _expect(type(version) is int and version == STATE_VERSION, f"unsupported version {version!r}")
 
         pending = d["pending"]
         _expect(isinstance(pending, dict), "pending is not an object")
@@ -216,6 +274,17 @@ class Scheduler:
             _check_name("failed", md)
             _check_name("failed fingerprint", fingerprint)
             s.failed[md] = fingerprint
+
+        retry = d.get("retry")
+        if retry is not None:
+            _expect(isinstance(retry, dict) and set(retry) == {"attempts", "at", "reason"},
+                    "retry is malformed")
+            attempts = retry["attempts"]
+            _expect(type(attempts) is int and 0 < attempts < 10**6, "retry attempts is not a count")
+            _expect(isinstance(retry["reason"], str) and len(retry["reason"]) <= MAX_REASON_LEN,
+                    "retry reason is not a short string")
+            _expect(bool(s.pending), "retry scheduled with nothing pending")
+            s.retry = Retry(attempts, _time("retry at", retry["at"]), retry["reason"])
         return s
 
 

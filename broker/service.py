@@ -23,6 +23,7 @@ from .dbuslib import (
     FLAG_NO_REPLY_EXPECTED,
     Message,
     MessageType,
+    Node,
     PropertyAccess,
     ServiceInterface,
     dbus_property,
@@ -31,6 +32,11 @@ from .dbuslib import (
 )
 from .engine import Engine
 from .errors import BrokerError, InvalidArguments, RateLimited
+from .timefmt import usec_iso
+
+
+INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
+OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 
 
 class ApacheRestartInterface(ServiceInterface):
@@ -42,6 +48,8 @@ class ApacheRestartInterface(ServiceInterface):
         "RequestGracefulRestart": ["planned_usec"],
         "GetStatus": ["status_json"],
         "CheckAll": ["names", "planned_usec"],
+        "DryRunRequest": ["planned_usec"],
+        "SelfTest": ["report_json"],
         "RestartFinished": ["ok", "detail", "names"],
     }
 
@@ -68,6 +76,14 @@ class ApacheRestartInterface(ServiceInterface):
 
     @method()
     def CheckAll(self) -> "ast":  # type: ignore[name-defined]  # noqa: F821
+        raise RuntimeError("dispatched by ApacheRestartService")
+
+    @method()
+    def DryRunRequest(self, name: "s") -> "t":  # type: ignore[name-defined]  # noqa: F821
+        raise RuntimeError("dispatched by ApacheRestartService")
+
+    @method()
+    def SelfTest(self, name: "s") -> "s":  # type: ignore[name-defined]  # noqa: F821
         raise RuntimeError("dispatched by ApacheRestartService")
 
     # Getters answer from what was last announced: they cannot fail (dbus-next would send
@@ -110,6 +126,8 @@ class ApacheRestartService:
             "RequestGracefulRestart": ("s", self._request_graceful_restart),
             "GetStatus": ("", self._get_status),
             "CheckAll": ("", self._check_all),
+            "DryRunRequest": ("s", self._dry_run_request),
+            "SelfTest": ("s", self._self_test),
         }
         engine.on_properties_changed = self._properties_changed
         engine.on_restart_finished = self.interface.RestartFinished
@@ -125,6 +143,11 @@ class ApacheRestartService:
 
     def handle_message(self, msg: Message) -> bool:
         """Claim calls to our interface's methods; everything else goes to the library."""
+        if (msg.message_type == MessageType.METHOD_CALL and msg.path == names.OBJECT_PATH
+                and msg.interface in (None, "", INTROSPECTABLE) and msg.member == "Introspect"
+                and msg.signature == ""):
+            self._introspect(msg)
+            return True
         # A call may leave out the interface (the specification allows it): claim those too,
         # or the library would dispatch them to the stubs, past authorization.
         if (msg.message_type != MessageType.METHOD_CALL or msg.path != names.OBJECT_PATH
@@ -161,6 +184,14 @@ class ApacheRestartService:
         finally:
             self.in_flight -= 1
 
+    def _introspect(self, msg: Message) -> None:
+        # The libraries list org.freedesktop.DBus.ObjectManager too, which the bus policy lets
+        # nobody call: introspection shows only what a caller may use (policy permitting).
+        node = Node.default(names.OBJECT_PATH)
+        node.interfaces = [i for i in node.interfaces if i.name != OBJECT_MANAGER]
+        node.interfaces.append(self.interface.introspect())
+        self._send(msg, Message.new_method_return(msg, "s", [node.tostring()]))
+
     def _reply_error(self, msg: Message, e: BrokerError) -> None:
         self._send(msg, Message.new_error(msg, names.error_name(e.code), e.message))
 
@@ -186,7 +217,8 @@ class ApacheRestartService:
         except BrokerError as e:
             log.info(f"request from uid {caller.uid} for {md!r} refused: {e.code}: {e.message}")
             raise
-        log.info(f"request from uid {caller.uid} for {md} accepted, restart planned at {planned} µs")
+        log.info(f"request from uid {caller.uid} for {md} accepted, restart planned "
+                 f"at the latest at {usec_iso(planned)}")
         return "t", [planned]
 
     async def _get_status(self, msg: Message) -> tuple[str, list[Any]]:
@@ -200,3 +232,18 @@ class ApacheRestartService:
         scheduled, planned = await self.engine.check()
         log.info(f"check of every MD: {len(scheduled)} scheduled" + (f" ({', '.join(scheduled)})" if scheduled else ""))
         return "ast", [scheduled, planned]
+
+    async def _dry_run_request(self, msg: Message) -> tuple[str, list[Any]]:
+        # Authorized exactly like RequestGracefulRestart: this is what `apache-restart test`
+        # sends as the Apache user to see the hook's path through the bus policy and polkit.
+        caller = await self._authorize(msg)
+        (md,) = msg.body
+        planned = self.engine.dry_run(md, caller.uid)
+        log.info(f"dry run from uid {caller.uid} for {md}: a request would be planned at the latest "
+                 f"at {usec_iso(planned)}")
+        return "t", [planned]
+
+    async def _self_test(self, msg: Message) -> tuple[str, list[Any]]:
+        await self.authorizer.require_root(msg.sender)
+        (md,) = msg.body
+        return "s", [json.dumps(await self.engine.self_test(md), sort_keys=True)]

@@ -644,6 +644,17 @@ class Store:
                 loaded.append(item)
             return self._make_set(md, mdj, loaded)
 
+    def managed_names(self, md: str) -> tuple[str, ...] | None:
+        """`md`'s names from the root-owned domains/<md>/md.json; None when it has none, i.e.
+        this Apache does not manage the MD (mod_md writes it at every start)."""
+        validate_md_name(md)
+        with _Fds() as fds:
+            root = self._open_root(fds)
+            if root is None:
+                return None
+            mdj = self._md_json(self._md_dir(fds, root, "domains", md), "domains", md)
+            return None if mdj is None else tuple(mdj.names)
+
     def list_mds(self) -> list[str]:
         """Sorted valid MD names that are directories under domains/ or staging/."""
         found: set[str] = set()

@@ -1,18 +1,21 @@
 """apache-restart: the admin command. It talks only to the broker (no config file, no store).
 
     apache-restart [--bus-address ADDRESS] [--timeout SECONDS] status [--json]
-    apache-restart [--bus-address ADDRESS] [--timeout SECONDS] request NAME
+    apache-restart [--bus-address ADDRESS] [--timeout SECONDS] request [--dry-run] NAME
     apache-restart [--bus-address ADDRESS] [--timeout SECONDS] check-all
+    apache-restart [--bus-address ADDRESS] [--timeout SECONDS] test [--apache-user USER] [NAME]
     apache-restart [--bus-address ADDRESS] watch
     apache-restart [--bus-address ADDRESS] [--timeout SECONDS] check [--warning DAYS]
                    [--critical DAYS] [--pending-hours H]   (monitoring plugin: exits 0-3)
 
 Exit status:
     0  done
-    1  the broker refused (InvalidName, NothingStaged, StagingInvalid, AlreadyFailed, ...)
+    1  the broker refused (InvalidName, NothingStaged, StagingInvalid, AlreadyFailed, ...);
+       for test: a check failed
     2  usage error
     3  try again later: the broker is not reachable, did not answer, is busy or failed
-    4  access denied (status and check-all need root; request needs the polkit action)
+    4  access denied (check-all and test need root, status root or the monitoring group;
+       request needs the polkit action)
 """
 
 from __future__ import annotations
@@ -20,10 +23,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shutil
 import signal
+import subprocess
 import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 from broker import __version__, names
 from broker.dbuslib import Message, MessageType
@@ -41,8 +48,32 @@ EXIT_TEMPORARY = 3
 EXIT_DENIED = 4
 
 
+# Commands the broker answers only for root (status: also for the monitoring group), the
+# method behind each, and who may call it.
+ROOT_ONLY = {"status": "GetStatus", "check-all": "CheckAll", "test": "SelfTest"}
+MAY_CALL = {"status": ("run as root or as a member of the monitoring group", "root and whom polkit grants "
+                       f"{names.POLKIT_ACTION_READ_STATUS}")}
+CANNOT_START_HINT = ("check the configuration with 'apache-restart-broker --check-config' and the "
+                     f"broker's log with 'journalctl -u {names.BROKER_UNIT}'; once fixed, start it with "
+                     f"'systemctl start {names.BROKER_UNIT}' (or your init system's equivalent)")
+
+
 def _fail(f: Failure, what: str) -> int:
     """Say why `what` failed, on stderr, and return the exit status for it."""
+    command = what.split()[0]
+    if f.kind == call.DENIED and command in ROOT_ONLY and os.geteuid() != 0:
+        # One sentence instead of the bus daemon's rule dump: the cause is always the same.
+        who, answered = MAY_CALL.get(command, ("run as root", "root"))
+        print(f"{PROG}: {what}: {who} (the broker answers {ROOT_ONLY[command]} only for {answered})",
+              file=sys.stderr)
+        return EXIT_DENIED
+    if isinstance(f, call.ActivationStalled):
+        print(f"{PROG}: {what}: the broker is not running: {f.describe()}", file=sys.stderr)
+        return EXIT_TEMPORARY
+    if isinstance(f, call.CannotStart) or call.activation_failed(f.error_name):
+        print(f"{PROG}: {what}: the broker cannot start: {f.describe()}; {CANNOT_START_HINT}",
+              file=sys.stderr)
+        return EXIT_TEMPORARY
     if f.kind == call.DENIED:
         hint = " (status needs root or the monitoring group, check-all needs root; request needs " \
                f"the polkit action {names.POLKIT_ACTION})"
@@ -61,79 +92,124 @@ def _fail(f: Failure, what: str) -> int:
 
 # -- status ----------------------------------------------------------------------------------
 
-
-def _table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+DAY = 86400.0
+LABEL = 14  # width of the labels ("last restart:") so that values line up
 
 
-def _short(usec: int) -> str:
-    """A time in a table cell: minutes are enough there, UTC is said once above the table."""
-    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(usec / 1e6)) if usec else "-"
+def _line(label: str, value: str) -> str:
+    return f"{label:<{LABEL}}{value}".rstrip()
 
 
-def _certs_by_key(s: dict | None) -> dict[str, dict]:
-    if not s:
-        return {}
-    return {c.get("key_type", "?"): c for c in s.get("certs") or []}
+def _days_left(not_after_usec: int, now: float) -> str:
+    days = (not_after_usec / 1e6 - now) / DAY
+    if days < 0:
+        return "EXPIRED"
+    return f"{int(days)} days left" if days >= 1 else "less than a day left"
 
 
-def render_status(status: dict, props: dict) -> str:
-    """The terminal view of GetStatus (plus the properties, which say the same, live)."""
-    out: list[str] = []
-    version = props.get("Version", status.get("version", "?"))
-    pending = props.get("Pending", status.get("pending"))
-    planned = props.get("PlannedAt", status.get("planned_at_usec", 0))
-    last = props.get("LastRestart", status.get("last_restart_usec", 0))
-    result = props.get("LastResult", status.get("last_result", ""))
-    state = f"restart pending, planned at {format_planned(planned)}" if pending else "no restart pending"
+def _cert_line(c: dict, now: float) -> str:
+    not_after = int(c.get("not_after_usec") or 0)
+    return (f"{c.get('key_type', '?'):<10} serial {c.get('serial', '?')}, issuer {one_line(c.get('issuer', '?'), 80)}, "
+            f"expires {format_usec(not_after)} ({_days_left(not_after, now)})")
+
+
+def _served_line(entry: dict, active: dict | None, now: float) -> str:
+    probe = one_line(str(entry.get("probe", "?")), 80)
+    if entry.get("error"):
+        return f"{probe}: ERROR: {one_line(str(entry['error']))}"
+    active_sha = {c.get("sha256") for c in (active or {}).get("certs") or []}
+    which = "the active certificate" if entry.get("sha256") in active_sha else "NOT the active certificate"
+    not_after = int(entry.get("not_after_usec") or 0)
+    return (f"{probe}: serial {entry.get('serial', '?')}, {which}, "
+            f"{_days_left(not_after, now) if not_after else 'expiry unknown'}")
+
+
+def _restart_state(status: dict, props: dict, now: float) -> str:
+    """What the broker is about to do, and why it waits."""
     if status.get("restarting"):
-        state = "restarting Apache now"
-    out.append(f"broker {version}, store {status.get('md_store', '?')}: {state}")
-    out.append(f"last restart: {format_usec(last)}" + (f", result: {result}" if result else ""))
-    out.append("")
+        return "restarting Apache now"
+    if not props.get("Pending", status.get("pending")):
+        return "none pending"
+    planned = int(props.get("PlannedAt", status.get("planned_at_usec", 0)) or 0)
+    mds = [m.get("name", "?") for m in status.get("mds") or [] if m.get("pending")]
+    text = f"pending for {', '.join(mds) or '?'}, {format_planned(planned, now)}"
+    waiting = status.get("waiting_for", "")
+    retry = status.get("retry")
+    if waiting == "retry" and retry:
+        first = mds[0] if mds else "NAME"
+        return (f"{text}: HELD BACK after attempt {retry.get('attempts', '?')} "
+                f"({one_line(str(retry.get('reason', '')))}); the broker retries on its own, backing off; "
+                f"after fixing the cause, retry now with: apache-restart request {first}")
+    if waiting == "min_interval":
+        last = int(props.get("LastRestart", status.get("last_restart_usec", 0)) or 0)
+        return (f"{text}: waiting for min_interval_seconds since the last restart "
+                f"({format_usec(last)})")
+    if waiting == "settle":
+        return f"{text}: settle window (settle_seconds; ends early once mod_md is done)"
+    return text
+
+
+def _next_step(md: dict, status: dict, now: float) -> str:
+    """What happens to an MD's staged set next, and what an admin can do about it."""
+    name = md.get("name", "?")
+    staged = md.get("staged")
+    if staged is None:
+        return "nothing staged: nothing to do (mod_md stages a renewal before the certificate expires)"
+    if not staged.get("valid"):
+        return ("staged set refused, it will not be activated: " + one_line(str(staged.get("problem", "")))
+                + f"; mod_md stages a new one at its next renewal, or fix it and run: apache-restart request {name}")
+    if md.get("failed_before"):
+        return ("a restart already failed to activate this set: not retried on its own; "
+                f"after fixing the cause: apache-restart request {name}")
+    if md.get("pending"):
+        planned = int(status.get("planned_at_usec") or 0)
+        retry = status.get("retry")
+        if status.get("waiting_for") == "retry" and retry:
+            return (f"held back (see restart: above); retried {format_planned(planned, now)}; "
+                    f"retry now with: apache-restart request {name}")
+        return f"restart {format_planned(planned, now)}, then the broker checks it is active and served"
+    return (f"valid, but no restart pending (the hook's request did not arrive?): apache-restart request {name}"
+            " (the daily check-all also schedules it)")
+
+
+def render_status(status: dict, props: dict, now: float | None = None) -> str:
+    """The terminal view of GetStatus (plus the properties, which say the same, live)."""
+    now = time.time() if now is None else now
+    version = props.get("Version", status.get("version", "?"))
+    last = int(props.get("LastRestart", status.get("last_restart_usec", 0)) or 0)
+    result = props.get("LastResult", status.get("last_result", ""))
+    # The result's own time: a failed config test issues no restart, so LastRestart is older.
+    result_at = int(status.get("last_result_usec", last) or 0)
+    out = [f"apache-restart-broker {version}, store {status.get('md_store', '?')}",
+           _line("restart:", _restart_state(status, props, now)),
+           _line("last result:", f"{result} ({format_usec(result_at)})" if result else "none yet"),
+           _line("last restart:", f"{format_usec(last)} (issued)" if last else "never")]
     mds = status.get("mds") or []
     if not mds:
-        out.append("no managed domains in the store")
+        out += ["", "no managed domains in the store"]
         return "\n".join(out)
-    rows = [["MD", "KEY", "ACTIVE SERIAL", "NOT AFTER", "STAGED", "STAGED SERIAL", "PENDING",
-             "FAILED BEFORE"]]
-    problems: list[str] = []
     for md in mds:
-        name = md.get("name", "?")
         active, staged = md.get("active"), md.get("staged")
-        active_certs = _certs_by_key(active)
-        staged_certs = _certs_by_key(staged if staged and staged.get("valid") else None)
-        if staged is None:
-            staged_text = "no"
-        elif staged.get("valid"):
-            staged_text = f"valid since {_short(staged.get('since_usec', 0))}"
-        else:
-            staged_text = "INVALID"
-            problems.append(f"{name}: staged set: {one_line(staged.get('problem', ''))}")
+        names = (active or {}).get("names") or (staged or {}).get("names") or []
+        out += ["", md.get("name", "?"), _line("  names:", ", ".join(names) or "-")]
         if md.get("active_problem"):
-            problems.append(f"{name}: active set: {one_line(md['active_problem'])}")
-        pending_text = (f"yes, {_short(planned)}" if planned else "yes") if md.get("pending") else "no"
-        keys = list(active_certs) + [k for k in staged_certs if k not in active_certs] or ["-"]
-        for i, key in enumerate(keys):
-            a, s = active_certs.get(key), staged_certs.get(key)
-            first = i == 0
-            rows.append([
-                name if first else "",
-                key,
-                a.get("serial", "?") if a else "-",
-                _short(a.get("not_after_usec", 0)) if a else "-",
-                staged_text if first else "",
-                s.get("serial", "?") if s else "-",
-                pending_text if first else "",
-                ("yes" if md.get("failed_before") else "no") if first else "",
-            ])
-    out.extend(_table(rows))
-    out.append("(times in UTC)")
-    if problems:
-        out.append("")
-        out.append("problems:")
-        out.extend(f"  {p}" for p in problems)
+            out.append(_line("  active:", "UNREADABLE: " + one_line(str(md["active_problem"]))))
+        elif not active:
+            out.append(_line("  active:", "none yet (the first certificate is staged or on its way)"))
+        else:
+            for i, c in enumerate(active.get("certs") or []):
+                out.append(_line("  active:" if i == 0 else "", _cert_line(c, now)))
+        for i, entry in enumerate(md.get("served") or []):
+            out.append(_line("  served:" if i == 0 else "", _served_line(entry, active, now)))
+        if staged and staged.get("valid"):
+            certs = ", ".join(f"{c.get('key_type', '?')} serial {c.get('serial', '?')}"
+                              for c in staged.get("certs") or [])
+            out.append(_line("  staged:", f"valid, since {format_usec(int(staged.get('since_usec') or 0))}: {certs}"))
+        elif staged:
+            out.append(_line("  staged:", "INVALID"))
+        else:
+            out.append(_line("  staged:", "none"))
+        out.append(_line("  next:", _next_step(md, status, now)))
     return "\n".join(out)
 
 
@@ -144,7 +220,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return json.loads(text), props
 
     try:
-        status, props = call.run(work, args.bus_address, args.timeout)
+        status, props = call.run(work, args.bus_address, args.timeout, watch_unit=True)
     except Failure as f:
         return _fail(f, "status")
     except ValueError as e:
@@ -161,11 +237,23 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_request(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        async def work(conn: Connection) -> int:
+            (planned,) = await conn.call("DryRunRequest", "s", [args.name])
+            return int(planned)
+
+        try:
+            planned = call.run(work, args.bus_address, args.timeout, watch_unit=True)
+        except Failure as f:
+            return _fail(f, f"request --dry-run {args.name}")
+        print(f"{args.name}: dry run: the request would be taken, restart {format_planned(planned)}; "
+              "nothing scheduled")
+        return EXIT_OK
     try:
-        planned = call.request_restart(args.name, args.bus_address, args.timeout)
+        planned = call.request_restart(args.name, args.bus_address, args.timeout, watch_unit=True)
     except Failure as f:
         return _fail(f, f"request {args.name}")
-    print(f"{args.name}: restart planned at {format_planned(planned)}")
+    print(f"{args.name}: restart planned {format_planned(planned)}")
     return EXIT_OK
 
 
@@ -175,7 +263,7 @@ def cmd_check_all(args: argparse.Namespace) -> int:
         return list(scheduled), int(planned)
 
     try:
-        scheduled, planned = call.run(work, args.bus_address, args.timeout)
+        scheduled, planned = call.run(work, args.bus_address, args.timeout, watch_unit=True)
     except Failure as f:
         return _fail(f, "check-all")
     if scheduled:
@@ -183,8 +271,123 @@ def cmd_check_all(args: argparse.Namespace) -> int:
     else:
         print("nothing new to schedule")
     if planned:
-        print(f"restart planned at {format_planned(planned)}")
+        print(f"restart planned {format_planned(planned)}")
     return EXIT_OK
+
+
+# -- test ------------------------------------------------------------------------------------
+
+# Exit status of `test` when a check failed (the others as for every command).
+EXIT_CHECK_FAILED = 1
+POLICY_FIX = ("the bus policy (/usr/share/dbus-1/system.d/org.masysma.ApacheRestart.conf) and the polkit "
+              "rule (/usr/share/polkit-1/rules.d/49-apache-restart-broker.rules) must name {user}: "
+              "./scripts/install --apache-user {user} writes both")
+VENV_FIX = "the hook's interpreter and package must be readable by {user}: ./scripts/install makes them so"
+
+
+def _program(name: str) -> str:
+    """Where a program of ours is: in PATH (what MDMessageCmd names), else beside this one."""
+    found = shutil.which(name)
+    return found or str(Path(sys.executable).parent / name)
+
+
+def _as_user(user: str, argv: list[str], timeout: float) -> tuple[int, str]:
+    """Run argv as `user` via runuser, as mod_md runs the hook: (exit status, output)."""
+    # A plain environment, like Apache's, not the admin's shell's.
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+    if os.environ.get("APACHE_RESTART_DBUS_LIB"):  # the library switch, so tests try both
+        env["APACHE_RESTART_DBUS_LIB"] = os.environ["APACHE_RESTART_DBUS_LIB"]
+    try:
+        done = subprocess.run(["runuser", "-u", user, "--", *argv], cwd="/", stdin=subprocess.DEVNULL, env=env,
+                              capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError:
+        return 127, "runuser not found (Debian: util-linux)"
+    except subprocess.TimeoutExpired:
+        return 124, f"no answer within {timeout:g} s"
+    return done.returncode, one_line((done.stdout + " " + done.stderr).strip())
+
+
+def _hook_steps(user: str, hook: str, md: str, bus_address: str | None, timeout: float) -> list[dict]:
+    """The steps only the admin command can take: the hook's path as the Apache user."""
+    rc, out = _as_user(user, [hook, "--version"], timeout)
+    steps = [{"step": f"hook as {user}", "ok": rc == 0 and out.startswith("apache-restart-hook "),
+              "detail": f"{hook} runs ({out})" if rc == 0 else f"{hook} does not run as {user} (exit {rc}: {out})",
+              "fix": "" if rc == 0 else VENV_FIX.format(user=user)}]
+    # The admin program beside the hook (same interpreter) sends the hook's request as a dry run.
+    admin_program = str(Path(hook).resolve().parent / PROG)
+    argv = [admin_program, *(["--bus-address", bus_address] if bus_address else []),
+            "--timeout", f"{min(timeout, 10.0):g}", "request", "--dry-run", md]
+    rc, out = _as_user(user, argv, timeout + 5)
+    step = f"bus policy and polkit for {user}"
+    if rc == EXIT_OK:
+        steps.append({"step": step, "ok": True, "detail": f"the hook's request for {md} would be taken", "fix": ""})
+    elif rc == EXIT_REFUSED:
+        # Authorization comes first in the broker: a refusal of the set means it let the caller through.
+        refusal = out.split(": ", 2)[-1].replace(names.ERROR_PREFIX, "")
+        steps.append({"step": step, "ok": True,
+                      "detail": f"let through (the broker would refuse {md} now: {refusal})", "fix": ""})
+    elif rc == EXIT_DENIED:
+        # The bus daemon's refusal names its rules; the broker's names polkit. One line each.
+        who = "the bus policy" if "Rejected send message" in out else "polkit (or the broker could not ask it)"
+        steps.append({"step": step, "ok": False, "detail": f"refused by {who}",
+                      "fix": POLICY_FIX.format(user=user)})
+    elif rc == EXIT_TEMPORARY:
+        steps.append({"step": step, "ok": False, "detail": f"no answer: {out}",
+                      "fix": "see the broker's log; as root, 'apache-restart status' tells whether it runs"})
+    else:
+        steps.append({"step": step, "ok": False, "detail": f"{admin_program} failed as {user} (exit {rc}: {out})",
+                      "fix": VENV_FIX.format(user=user)})
+    return steps
+
+
+def render_steps(steps: list[dict]) -> str:
+    lines = []
+    for s in steps:
+        lines.append(f"{'ok  ' if s.get('ok') else 'FAIL'}  {s.get('step', '?')}: {one_line(str(s.get('detail', '')))}")
+        if not s.get("ok") and s.get("fix"):
+            lines.append(f"      fix: {one_line(str(s['fix']))}")
+    failed = sum(1 for s in steps if not s.get("ok"))
+    lines.append(f"{len(steps) - failed} of {len(steps)} checks passed" + ("" if not failed else
+                 f"; {failed} failed: fix them and run 'apache-restart test' again"))
+    return "\n".join(lines)
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    name = args.name or ""
+    print(f"apache-restart test{' ' + name if name else ''}: the path a renewal takes, restarting nothing",
+          flush=True)
+    if os.geteuid() != 0:
+        print(render_steps([{"step": "root", "ok": False, "detail": "not run as root",
+                             "fix": "run it as root: it runs the hook as the Apache user"}]))
+        return EXIT_DENIED
+
+    async def work(conn: Connection) -> tuple[dict, dict, list[str]]:
+        props = await conn.properties()
+        (report,) = await conn.call("SelfTest", "s", [name])
+        mds: list[str] = []
+        if not name:
+            (status,) = await conn.call("GetStatus")
+            mds = [m.get("name", "") for m in json.loads(status).get("mds") or []]
+        return props, json.loads(report), mds
+
+    try:
+        props, report, mds = call.run(work, args.bus_address, args.timeout, watch_unit=True)
+    except Failure as f:
+        return _fail(f, "test")
+    except ValueError as e:
+        print(f"{PROG}: test: the broker sent no valid JSON: {e}", file=sys.stderr)
+        return EXIT_TEMPORARY
+    steps = [{"step": "root", "ok": True, "detail": "running as root", "fix": ""},
+             {"step": "broker", "ok": True, "fix": "",
+              "detail": f"apache-restart-broker {props.get('Version', '?')} answers on "
+                        f"{call.bus_description(args.bus_address)}"}]
+    # Any valid name proves the bus policy and polkit: the broker authorizes before it looks.
+    probe_md = name or (mds[0] if mds else "self-test.invalid")
+    steps += _hook_steps(args.apache_user, args.hook or _program("apache-restart-hook"), probe_md,
+                         args.bus_address, args.timeout)
+    steps += [s for s in report.get("steps") or [] if isinstance(s, dict)]
+    print(render_steps(steps))
+    return EXIT_OK if all(s.get("ok") for s in steps) else EXIT_CHECK_FAILED
 
 
 # -- check (monitoring plugin) ---------------------------------------------------------------
@@ -226,7 +429,7 @@ def describe_signal(msg: Any) -> str | None:
         values = {k: v.value for k, v in changed.items()}
         if values.get("Pending") is True or values.get("PlannedAt"):
             planned = values.get("PlannedAt")
-            return "restart pending" + (f", planned at {format_usec(planned)}" if planned else "")
+            return "restart pending" + (f", planned at the latest at {format_usec(planned)}" if planned else "")
     return None
 
 
@@ -287,8 +490,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="the broker's GetStatus JSON, for scripts")
     s.set_defaults(func=cmd_status)
     r = sub.add_parser("request", help="ask for a graceful restart for NAME, as the hook does")
+    r.add_argument("--dry-run", action="store_true",
+                   help="only check that the request would be taken (authorization, staged set); "
+                        "schedule nothing")
     r.add_argument("name", metavar="NAME", help="the MD name (first name of its MDomain line)")
     r.set_defaults(func=cmd_request)
+    t = sub.add_parser("test", help="check the whole path a renewal takes, restarting nothing (root)")
+    t.add_argument("--apache-user", default="www-data",
+                   help="the user mod_md runs the hook as (default www-data)")
+    t.add_argument("--hook", metavar="PATH",
+                   help="the program MDMessageCmd names (default: apache-restart-hook in PATH)")
+    t.add_argument("name", metavar="NAME", nargs="?", help="the MD to check (default: every MD)")
+    t.set_defaults(func=cmd_test)
     c = sub.add_parser("check-all", help="schedule a restart for every valid staged set (root)")
     c.set_defaults(func=cmd_check_all)
     w = sub.add_parser("watch", help="print restarts as the broker announces them")
@@ -303,12 +516,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="WARNING when a valid set waits in staging longer than H hours "
                         f"(default {monitor.DEFAULT_PENDING_HOURS:g})")
     # A monitoring system reads exit 2 as CRITICAL: a bad option is UNKNOWN (3) here.
-    k.error = lambda message: _check_usage(k, message)  # type: ignore[method-assign]
+
+    def check_usage_error(message: str) -> NoReturn:
+        _check_usage(k, message)
+
+    k.error = check_usage_error  # type: ignore[method-assign]
     k.set_defaults(func=cmd_check)
     return p
 
 
-def _check_usage(parser: argparse.ArgumentParser, message: str) -> None:
+def _check_usage(parser: argparse.ArgumentParser, message: str) -> NoReturn:
     parser.print_usage(sys.stderr)
     print(monitor.unknown(f"usage: {message}").line())
     sys.exit(monitor.UNKNOWN)

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 from broker import dbuslib, names
 from broker.dbuslib import Message, MessageType
+from broker.timefmt import usec_iso
 
 T = TypeVar("T")
 
@@ -65,12 +66,21 @@ _KIND_OF_ERROR = {
 }
 
 
+def activation_failed(error_name: str) -> bool:
+    """The bus could not start the broker: its own launcher (Spawn.*) or systemd said so.
+
+    dbus-daemon passes systemd's reason on as the error name (org.freedesktop.systemd1.*)
+    when it activates through systemd.
+    """
+    return error_name.startswith((_DBUS_ERROR + "Spawn.", "org.freedesktop.systemd1."))
+
+
 def kind_of_error(error_name: str) -> str:
     """What an error reply from the bus means for the caller (see the module docstring)."""
     kind = _KIND_OF_ERROR.get(error_name)
     if kind is not None:
         return kind
-    if error_name.startswith(_DBUS_ERROR + "Spawn."):  # D-Bus activation failed
+    if activation_failed(error_name):  # fixing the broker's unit or config cures it
         return UNREACHABLE
     return REFUSED
 
@@ -117,18 +127,27 @@ def bus_description(bus_address: str | None) -> str:
 
 
 def format_usec(usec: int) -> str:
-    """Microseconds since the epoch as `2026-11-29 12:00:05 UTC`; "never" for 0."""
-    if not usec:
-        return "never"
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(usec / 1e6))
+    """Microseconds since the epoch as local ISO time, `2026-11-29T13:00:05+01:00`; "never" for 0."""
+    return usec_iso(usec)
+
+
+def format_in(usec: int, now: float | None = None) -> str:
+    """How far ahead `usec` is: `now`, `in 30 s`, `in 5 min`, `in 3 h`."""
+    now = time.time() if now is None else now
+    delta = usec / 1e6 - now
+    if delta < 0.5:
+        return "now"
+    if delta < 120:
+        return f"in {delta:.0f} s"
+    return f"in {delta / 60:.0f} min" if delta < 7200 else f"in {delta / 3600:.0f} h"
 
 
 def format_planned(usec: int, now: float | None = None) -> str:
-    """`2026-11-29 12:00:05 UTC (in 30 s)`, for a planned restart."""
-    now = time.time() if now is None else now
-    delta = usec / 1e6 - now
-    when = "now" if delta < 0.5 else f"in {delta:.0f} s" if delta < 120 else f"in {delta / 60:.0f} min"
-    return f"{format_usec(usec)} ({when})"
+    """`at the latest at 2026-11-29T13:00:05+01:00 (in 30 s)`, for a planned restart.
+
+    A planned time is the latest one: the settle window ends early once mod_md is done.
+    """
+    return f"at the latest at {format_usec(usec)} ({format_in(usec, now)})"
 
 
 class Connection:
@@ -156,9 +175,10 @@ class Connection:
             pass
 
     async def call(self, member: str, signature: str = "", body: list[Any] | None = None, *,
-                   interface: str = names.INTERFACE, timeout: float | None = None) -> list[Any]:
-        """Call `member` on the broker's object; the reply's body, or Failure."""
-        msg = Message(destination=names.BUS_NAME, path=names.OBJECT_PATH, interface=interface,
+                   interface: str = names.INTERFACE, timeout: float | None = None,
+                   destination: str = names.BUS_NAME, path: str = names.OBJECT_PATH) -> list[Any]:
+        """Call `member` on the broker's object (or another); the reply's body, or Failure."""
+        msg = Message(destination=destination, path=path, interface=interface,
                       member=member, signature=signature, body=body or [])
         try:
             reply = await asyncio.wait_for(self.bus.call(msg), timeout)
@@ -189,17 +209,94 @@ class Connection:
                           reply.body[0] if reply.body else "")
 
 
-def run(work: Callable[[Connection], Awaitable[T]], bus_address: str | None, timeout: float | None) -> T:
+class CannotStart(Failure):
+    """The broker's systemd unit failed to start while we waited for it to answer."""
+
+
+class ActivationStalled(Failure):
+    """The bus did not ask systemd to start the broker for our call (see unit_failure)."""
+
+
+PROPERTIES = "org.freedesktop.DBus.Properties"
+# How often, while a call waits, systemd is asked whether the broker's unit failed. The first
+# look comes after one interval: a running broker answers well before.
+UNIT_POLL_SECONDS = 0.5
+# A unit still inactive, with no job queued, this long after our call asked the bus to start
+# it: the bus is waiting on an earlier activation attempt (dbus-daemon sends systemd one
+# request per pending activation, and waits for it up to its own 25 s timeout).
+STALE_ACTIVATION_SECONDS = 3.0
+
+
+async def unit_failure(conn: Connection, since_usec: int, now_usec: int | None = None) -> Failure | None:
+    """Why the broker's unit is not coming up while a call waits for it (`since_usec`: when
+    the call started), or None: also when all looks normal and where there is no systemd."""
+    now_usec = int(time.time() * 1e6) if now_usec is None else now_usec
+
+    async def systemd(member: str, arg: str, path: str, interface: str) -> Any:
+        (value,) = await conn.call(member, "s", [arg], destination=names.SYSTEMD_BUS_NAME, path=path,
+                                   interface=interface, timeout=5.0)
+        return value
+
+    try:
+        # LoadUnit, not GetUnit: systemd unloads an inactive unit (after reset-failed, say).
+        unit_path = await systemd("LoadUnit", names.BROKER_UNIT, names.SYSTEMD_PATH,
+                                  names.SYSTEMD_MANAGER_INTERFACE)
+        unit = await systemd("GetAll", names.SYSTEMD_UNIT_INTERFACE, unit_path, PROPERTIES)
+    except Failure:  # no systemd, or no such unit: nothing to say
+        return None
+    state = {k: v.value for k, v in unit.items()
+             if k in ("ActiveState", "SubState", "StateChangeTimestamp", "Job")}
+    active, sub = state.get("ActiveState"), state.get("SubState")
+    changed = int(state.get("StateChangeTimestamp", 0))
+    job = state.get("Job") or (0, "/")
+    if active == "inactive" and not job[0] and changed < since_usec \
+            and now_usec - since_usec >= STALE_ACTIVATION_SECONDS * 1e6:
+        return ActivationStalled(UNREACHABLE, "", (
+            f"{names.BROKER_UNIT} is inactive and the bus has not started it (it may still wait for an "
+            f"earlier attempt, up to 25 s); start it with 'systemctl start {names.BROKER_UNIT}'"))
+    if not (active == "failed" and changed >= since_usec) and sub != "auto-restart":
+        return None
+    try:
+        service = await systemd("GetAll", "org.freedesktop.systemd1.Service", unit_path, PROPERTIES)
+        detail = {k: v.value for k, v in service.items() if k in ("Result", "ExecMainStatus")}
+        why = f" (result {detail.get('Result', '?')}, exit status {detail.get('ExecMainStatus', '?')})"
+    except Failure:
+        why = ""
+    return CannotStart(UNREACHABLE, "", f"{names.BROKER_UNIT} is {active}/{sub}{why}")
+
+
+async def _watch_unit(conn: Connection, since_usec: int) -> None:
+    while True:
+        await asyncio.sleep(UNIT_POLL_SECONDS)
+        failure = await unit_failure(conn, since_usec)
+        if failure is not None:
+            raise failure
+
+
+def run(work: Callable[[Connection], Awaitable[T]], bus_address: str | None, timeout: float | None,
+        watch_unit: bool = False) -> T:
     """Connect, run `work`, disconnect; all of it within `timeout` seconds (None: no limit).
 
     Raises Failure for every way it can go wrong, including a bus that accepts the
-    connection and then says nothing.
+    connection and then says nothing. With `watch_unit`, a broker whose systemd unit fails
+    to start meanwhile ends the wait at once with CannotStart (else the bus daemon answers
+    only after its activation timeout).
     """
 
     async def whole() -> T:
         conn = await Connection.open(bus_address)
         try:
-            return await work(conn)
+            if not watch_unit:
+                return await work(conn)
+            since = int(time.time() * 1e6)
+            working = asyncio.ensure_future(work(conn))
+            watching = asyncio.ensure_future(_watch_unit(conn, since))
+            try:
+                done, _ = await asyncio.wait({working, watching}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                working.cancel()
+                watching.cancel()
+            return (working if working in done else watching).result()  # type: ignore[return-value]
         finally:
             conn.close()
 
@@ -212,7 +309,7 @@ def run(work: Callable[[Connection], Awaitable[T]], bus_address: str | None, tim
     return asyncio.run(bounded())
 
 
-def request_restart(md: str, bus_address: str | None, timeout: float) -> int:
+def request_restart(md: str, bus_address: str | None, timeout: float, watch_unit: bool = False) -> int:
     """RequestGracefulRestart(md): the planned time in µs since the epoch, or Failure."""
 
     async def work(conn: Connection) -> int:
@@ -222,7 +319,7 @@ def request_restart(md: str, bus_address: str | None, timeout: float) -> int:
             raise Failure(INTERNAL, "", f"unexpected reply {one_line(repr(body), 80)}")
         return body[0]
 
-    return run(work, bus_address, timeout)
+    return run(work, bus_address, timeout, watch_unit)
 
 
 def _exception_text(e: BaseException) -> str:

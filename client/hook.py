@@ -100,7 +100,8 @@ def renewed(md: str, bus_address: str | None, timeout: float) -> int:
     except Exception as e:
         say(f"renewed {md}: internal error in the hook ({type(e).__name__}: {e}); mod_md will retry")
         return EXIT_RETRY
-    say(f"renewed {md}: restart planned at {call.format_usec(planned)}")
+    # The settle window ends early once mod_md is done: the time is the latest, not the likely.
+    say(f"renewed {md}: restart planned at the latest at {call.format_usec(planned)}")
     return EXIT_DELIVERED
 
 
@@ -125,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
+        return 0
+    if argv and argv[0] == "--version":
+        from broker import __version__
+        print(f"{PROG} {__version__}")
         return 0
     if not argv:  # run by hand: mod_md always passes a reason
         say(USAGE)

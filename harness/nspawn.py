@@ -54,16 +54,28 @@ MIRRORS = (
 )
 # What the broker, its installer and this tier need in the container. minbase brings only the
 # Essential set, which has what the tests run there besides these (runuser from util-linux).
-# systemd brings busctl and systemd-analyze; dbus brings dbus-send.
+# systemd brings busctl and systemd-analyze; dbus brings dbus-send. The container has no
+# network, so the Debian package's dependencies must be here before `apt install ./<deb>`
+# (python3-*, ca-certificates), with man-db for its manual pages and pebble for a real renewal.
 PACKAGES = (
     "apache2",
+    "ca-certificates",
     "dbus",
+    "man-db",
+    "pebble",
     "polkitd",
     "python3",
+    "python3-cryptography",
+    "python3-dbus-next",
+    "python3-openssl",
+    "python3-prometheus-client",
     "python3-venv",
     "systemd",
     "systemd-sysv",
 )
+# The dpkg settings file that mmdebstrap leaves with DPKG_OPTIONS: the package tier removes it
+# so that a package installed later keeps its manual pages.
+DPKG_OPTIONS_FILE = "/etc/dpkg/dpkg.cfg.d/99mmdebstrap"
 # Documentation is of no use in a test container and makes up a good part of unpacking.
 DPKG_OPTIONS = (
     "path-exclude=/usr/share/man/*",
@@ -172,10 +184,15 @@ def _cache_lock() -> Iterator[None]:
 
 def _prune(keep: set[str]) -> None:
     """Remove cache entries of other keys (last week's rootfs, old wheelhouses)."""
+    week = _iso_week()
     for entry in CACHE_DIR.iterdir():
         if entry.name.startswith(".") and not entry.name.startswith(".tmp-"):
             continue
         if entry.name in keep or entry.name == "runs":
+            continue
+        if week in entry.name and not entry.name.startswith(".tmp-"):
+            # This week's image for another package list: another checkout's tests may be
+            # booting from it right now (an overlay's lower folder must not vanish).
             continue
         if entry.name.startswith(".tmp-") and not _older_than(entry, 3600):
             continue  # another process may be building it right now

@@ -250,6 +250,7 @@ def test_bus_policy_gives_exactly_the_contracts_access() -> None:
     assert allowed_calls(text, "root") == {(i, None) for i in ALLOWED_INTERFACES}
     assert allowed_calls(text, APACHE_USER) == {
         (names.INTERFACE, "RequestGracefulRestart"),
+        (names.INTERFACE, "DryRunRequest"),
         (PROPERTIES, "Get"),
         (PROPERTIES, "GetAll"),
     }
@@ -412,6 +413,9 @@ def test_bus_enforces_the_policy(tmp_path: Path, shared_dir: Path) -> None:
             assert call(APACHE_USER, PEER, "Ping") == "denied"
             assert call(APACHE_USER, iface, "GetStatus") == "denied"
             assert call(APACHE_USER, iface, "CheckAll") == "denied"
+            assert call(APACHE_USER, iface, "SelfTest", "string:") == "denied"
+            assert call(APACHE_USER, iface, "DryRunRequest", "string:example.org") == "ok"
+            assert call("nobody", iface, "DryRunRequest", "string:example.org") == "denied"
             assert call(APACHE_USER, PROPERTIES, "Set", *prop, "variant:boolean:true") == "denied"
             assert call("nobody", iface, "RequestGracefulRestart", "string:example.org") == "denied"
             assert call("nobody", PROPERTIES, "GetAll", "string:" + iface) == "denied"
@@ -430,8 +434,8 @@ def test_bus_enforces_the_policy(tmp_path: Path, shared_dir: Path) -> None:
             broker.communicate()
     # The daemon logs each refusal; there must be nothing else (no complaint about the file).
     assert [c for c in bus.complaints() if "Rejected send message" not in c] == []
-    # Eight refusals: the calls asserted "denied" above.
-    assert sum("Rejected send message" in c for c in bus.complaints()) == 8
+    # Ten refusals: the calls asserted "denied" above.
+    assert sum("Rejected send message" in c for c in bus.complaints()) == 10
 
 
 # --------------------------------------------------------------------------------------
@@ -925,9 +929,13 @@ def test_install_needs_root_without_destdir() -> None:
         d = Path(tempfile.mkdtemp(prefix="arb-install-", dir="/tmp"))
         try:
             d.chmod(0o755)
-            shutil.copy(INSTALL, d / "install")
-            (d / "install").chmod(0o755)
-            result = run([runuser, "-u", "nobody", "--", "/usr/bin/python3", str(d / "install")],
+            # The installer reads its file list from deploy/ (and the keys from broker/).
+            for package in ("deploy", "broker"):
+                shutil.copytree(REPO / package, d / package, ignore=shutil.ignore_patterns("__pycache__"))
+            (d / "scripts").mkdir(mode=0o755)
+            shutil.copy(INSTALL, d / "scripts" / "install")
+            (d / "scripts" / "install").chmod(0o755)
+            result = run([runuser, "-u", "nobody", "--", "/usr/bin/python3", str(d / "scripts" / "install")],
                          env={"PATH": "/usr/bin:/bin"}, cwd=str(d))
         finally:
             shutil.rmtree(d, ignore_errors=True)

@@ -128,25 +128,33 @@ async def test_status_json_field_by_field(start_broker, bus_address, mixed_store
     assert incomplete["active"] is None and incomplete["staged"] is None
 
 
-async def test_status_table(start_broker, bus_address, mixed_store):
+async def test_status_per_md(start_broker, bus_address, mixed_store):
     store, sets = mixed_store
     await start_broker()
     rc, out, err = await admin("--bus-address", bus_address, "status")
     assert rc == 0, err
     lines = out.splitlines()
-    assert lines[0] == f"broker {broker.__version__}, store {store}: no restart pending"
-    assert lines[1] == "last restart: never"
-    header = lines[3].split()
-    assert header[:3] == ["MD", "KEY", "ACTIVE"]
-    for key in ("both.active", "both.staged", "active_only", "staged_only", "expired.active"):
-        for kt in sets[key].key_types:
-            assert sets[key].serial(kt) in out, key
-    row = {line.split()[0]: line for line in lines[4:] if line and not line.startswith(" ")}
-    assert "valid since" in row[BOTH] and sets["both.active"].serial("rsa") in row[BOTH]
-    assert "INVALID" in row[EXPIRED]
-    assert f"  {EXPIRED}: staged set: expired" in out
-    (ec_row,) = [line for line in lines if sets["both.active"].serial("secp256r1") in line]
-    assert "secp256r1" in ec_row and sets["both.staged"].serial("secp256r1") in ec_row
+    assert lines[:4] == [f"apache-restart-broker {broker.__version__}, store {store}",
+                         "restart:      none pending",
+                         "last result:  none yet",
+                         "last restart: never"]
+    blocks = {b.splitlines()[0]: b for b in out.split("\n\n")[1:]}
+    assert list(blocks) == sorted([BOTH, ACTIVE_ONLY, STAGED_ONLY, EXPIRED, INCOMPLETE])
+    both = blocks[BOTH]
+    assert f"  names:      {BOTH}\n" in both
+    for kt in ("rsa", "secp256r1"):
+        (line,) = [x for x in both.splitlines() if sets["both.active"].serial(kt) in x]
+        assert kt in line and "issuer " in line and "storefactory test CA" in line
+        assert "days left)" in line
+        assert sets["both.staged"].serial(kt) in both
+    assert "  staged:     valid, since " in both
+    assert f"  next:       valid, but no restart pending (the hook's request did not arrive?): " \
+           f"apache-restart request {BOTH}" in both
+    assert "  staged:     none" in blocks[ACTIVE_ONLY] and "nothing to do" in blocks[ACTIVE_ONLY]
+    assert "  active:     none yet" in blocks[STAGED_ONLY]
+    expired = blocks[EXPIRED]
+    assert "  staged:     INVALID" in expired
+    assert "  next:       staged set refused, it will not be activated: expired" in expired
 
 
 async def test_request_then_status_shows_it_pending(start_broker, client, allow, bus_address, store):
@@ -155,7 +163,7 @@ async def test_request_then_status_shows_it_pending(start_broker, client, allow,
     await start_broker(settle_seconds=30)
     rc, out, err = await admin("--bus-address", bus_address, "request", md)
     assert rc == 0, err
-    assert out.startswith(f"{md}: restart planned at ") and "UTC (in 30 s)" in out, out
+    assert out.startswith(f"{md}: restart planned at the latest at ") and out.endswith(" (in 30 s)\n"), out
     planned = await get_property(client, "PlannedAt")
     rc, out, err = await admin("--bus-address", bus_address, "status", "--json")
     status = json.loads(out)
@@ -164,7 +172,9 @@ async def test_request_then_status_shows_it_pending(start_broker, client, allow,
     assert entry["pending"] is True
     rc, out, err = await admin("--bus-address", bus_address, "status")
     assert rc == 0, err
-    assert "restart pending, planned at " in out.splitlines()[0]
+    assert out.splitlines()[1].startswith(f"restart:      pending for {md}, at the latest at "), out
+    assert out.splitlines()[1].endswith("settle window (settle_seconds; ends early once mod_md is done)"), out
+    assert "  next:       restart at the latest at " in out
 
 
 @pytest.mark.parametrize("name,error", [
@@ -181,10 +191,14 @@ async def test_request_refused(start_broker, allow, bus_address, name, error):
 
 async def test_request_denied_and_rate_limited(start_broker, client, polkit, bus_address, store):
     storefactory.add_staged(store, "www.example.test", ["www.example.test"])
-    await start_broker(rate_burst=0)  # rate limit is checked after authorization
+    # One request, never refilled; the rate limit is checked after authorization, so the
+    # refused call does not use it up.
+    await start_broker(rate_burst=1, rate_per_second=0)
     rc, _, err = await admin("--bus-address", bus_address, "request", "www.example.test")
     assert rc == 4 and "access denied" in err and "AccessDenied" in err, err
     await polkit.control(client, "SetAllowed", "as", [[names.POLKIT_ACTION]])
+    rc, _, err = await admin("--bus-address", bus_address, "request", "www.example.test")
+    assert rc == 0, err
     rc, _, err = await admin("--bus-address", bus_address, "request", "www.example.test")
     assert rc == 3 and "RateLimited" in err and "try again later" in err, err
 
@@ -195,7 +209,7 @@ async def test_check_all(start_broker, client, bus_address, mixed_store):
     assert rc == 0, err
     lines = out.splitlines()
     assert lines[0] == f"scheduled: {BOTH}, {STAGED_ONLY}"
-    assert lines[1].startswith("restart planned at ")
+    assert lines[1].startswith("restart planned at the latest at ")
     assert await get_property(client, "Pending") is True
 
 
@@ -204,10 +218,14 @@ async def test_status_needs_root(start_broker, bus_address):
         tiers.unavailable("apache-restart is not installed in the venv")
     await start_broker()
     # status: root, or whom polkit grants the read action (here polkit grants nothing).
-    for command, refusal in (("status", ""), ("check-all", "only root")):
+    for command in ("status", "check-all"):
         rc, _, err = await admin("--bus-address", bus_address, command, user="www-data")
         assert rc == 4, err
-        assert err.startswith(f"apache-restart: {command}: access denied: AccessDenied: {refusal}"), err
+        expected = {"status": "run as root or as a member of the monitoring group (the broker answers "
+                              "GetStatus only for root and whom polkit grants "
+                              "org.masysma.apacherestart.read-status)",
+                    "check-all": "run as root (the broker answers CheckAll only for root)"}[command]
+        assert err == f"apache-restart: {command}: {expected}\n", err
 
 
 async def test_unreachable_broker(bus_address, tmp_path):

@@ -43,6 +43,10 @@ async def test_live_introspection_equals_interface_xml(start_broker, client):
     shipped = _normalize_interface((REPO / "dbus" / "org.masysma.ApacheRestart.xml").read_text())
     assert live == shipped
     assert "RequestGracefulRestart" in live["methods"]
+    # Only interfaces root may call (bus policy): not the ObjectManager the libraries add.
+    listed = {i.get("name") for i in ET.fromstring(reply.body[0]).iter("interface")}
+    assert listed == {names.INTERFACE, "org.freedesktop.DBus.Introspectable",
+                      "org.freedesktop.DBus.Properties", "org.freedesktop.DBus.Peer"}
 
 
 async def test_request_restarts_once_and_verifies(start_broker, client, allow, store):
@@ -426,3 +430,54 @@ async def test_idle_broker_exits_and_busy_one_stays(start_broker, client, allow,
     assert busy.proc.poll() is None  # a restart is pending: it must not leave
     await rec.wait_for("RestartFinished")
     assert busy.proc.wait(10) == 0
+
+
+async def test_held_back_restart_is_retried_without_a_new_request(start_broker, client, allow, store):
+    storefactory.add_staged(store, MD, [MD])
+    rec = await busutil.SignalRecorder(client).start()
+    broker = await start_broker()  # min_interval_seconds = 0: the first retry comes a second later
+    (broker.control / "configtest-fails").write_text("")
+    assert error_of(await call(client, "RequestGracefulRestart", "s", [MD])) is None
+    (finished,) = await rec.wait_for("RestartFinished")
+    assert finished.body[0] is False
+    assert await get_property(client, "Pending") is True  # held back, not dropped
+    (broker.control / "configtest-fails").unlink()
+    finished = await rec.wait_for("RestartFinished", count=2)
+    assert finished[1].body[0] is True and finished[1].body[2] == [MD]
+    assert len(broker.calls("graceful")) == 1
+    assert await get_property(client, "Pending") is False
+    assert "held back (config test failed" in broker.log()
+
+
+async def test_dry_run_is_authorized_like_a_request_and_schedules_nothing(start_broker, client, polkit, store):
+    storefactory.add_staged(store, MD, [MD])
+    broker = await start_broker(settle_seconds=30)
+    reply = await call(client, "DryRunRequest", "s", [MD])
+    assert error_of(reply)[0] == names.ERROR_ACCESS_DENIED  # polkit (mock) has not allowed it
+    await polkit.control(client, "SetAllowed", "as", [[names.POLKIT_ACTION]])
+    before = time.time()
+    reply = await call(client, "DryRunRequest", "s", [MD])
+    assert error_of(reply) is None
+    assert before + 29 <= reply.body[0] / 1e6 <= time.time() + 31
+    assert await get_property(client, "Pending") is False and await get_property(client, "PlannedAt") == 0
+    for name, error in (("../x", names.ERROR_INVALID_NAME), ("none.example.test", names.ERROR_NOTHING_STAGED)):
+        assert error_of(await call(client, "DryRunRequest", "s", [name]))[0] == error
+    # polkit was asked, with the action of a request
+    asked = await polkit.calls(client, "CheckAuthorization")
+    assert len(asked) == 4 and all(args[1] == names.POLKIT_ACTION for args in asked)
+    assert broker.calls("configtest") == [] and broker.calls("graceful") == []
+
+
+async def test_self_test_reports_steps_and_refuses_bad_names(start_broker, client, store):
+    storefactory.add_active(store, MD, [MD])
+    broker = await start_broker()
+    reply = await call(client, "SelfTest", "s", [MD])
+    assert error_of(reply) is None
+    steps = json.loads(reply.body[0])["steps"]
+    assert [(s["step"], s["ok"]) for s in steps] == [
+        ("store", True), (f"managed {MD}", True), (f"staged {MD}", True), ("apache running", True),
+        ("config test", True), ("probe", True)]
+    assert all(set(s) == {"step", "ok", "detail", "fix"} for s in steps)
+    assert len(broker.calls("configtest")) == 1 and broker.calls("graceful") == []
+    assert error_of(await call(client, "SelfTest", "s", ["../etc"]))[0] == names.ERROR_INVALID_NAME
+    assert error_of(await call(client, "SelfTest", "i", [1]))[0] == names.ERROR_INVALID_ARGS

@@ -385,7 +385,9 @@ class TestOneRenewingMD:
         assert cert.serial in load.keep_alive.serials
         s.state["serial"] = cert.serial
 
-    def test_broken_config_blocks_the_restart_until_fixed(self, s: SharedStack) -> None:
+    def test_broken_config_blocks_the_restart_until_fixed_then_the_broker_retries(
+        self, s: SharedStack, record_property: Callable[[str, object], None]
+    ) -> None:
         stack = s.stack
         broker, apache = stack.broker, stack.apache
         assert broker is not None and apache is not None
@@ -406,27 +408,40 @@ class TestOneRenewingMD:
             assert "Syntax error" in finished.values["detail"]
             props = w.properties()
             assert props["LastResult"] == "failed: " + finished.values["detail"]
-            assert props["Pending"] is False
+            # Held back, not dropped: a retry is scheduled, and status says why and what to run.
+            assert props["Pending"] is True and props["PlannedAt"] > 0
+            status = broker.status()
+            assert status["waiting_for"] == "retry" and status["retry"]["attempts"] >= 1
+            assert status["retry"]["reason"].startswith("config test failed")
+            # The result is paired with its own time, not with the earlier restart's.
+            assert status["last_result_usec"] > status["last_restart_usec"] > 0
+            text = broker.admin("status")
+            assert text.returncode == 0, text.stderr
+            print(text.stdout)
+            record_property("status_while_held_back", text.stdout)
+            assert "HELD BACK after attempt" in text.stdout, text.stdout
+            assert f"retry now with: apache-restart request {MD}" in text.stdout, text.stdout
             # No restart happened: the old certificate is still served, the new one is staged.
             assert len(broker.gracefuls()) == gracefuls
             assert apache.pid() is not None
             staged = apache.staged_certificate(MD)
             assert staged is not None and staged.serial != before.serial
-            time.sleep(1.0)
             still = served(stack)
             assert still is not None and still.serial == before.serial
         finally:
             apache.conf_path.write_text(good_config)
-        # Fixed: the daily check (CheckAll, root) finds the staged set and activates it.
-        mark = w.snapshot()
-        scheduled, planned = w.check_all()
-        assert scheduled == [MD] and planned > 0
-        cert, _ = wait_served_change(stack, before.serial, 15)
+        fixed_at = time.time()
+        # Fixed: nobody calls anything; the broker's own retry activates the staged set.
+        cert, served_at = wait_served_change(stack, before.serial, 30)
+        note_timing("config fixed to served (the broker's retry)", served_at - fixed_at, record_property)
         assert cert.serial == staged.serial
-        finished = finished_after(stack, mark, 15)
-        assert finished.values["ok"] is True and finished.values["names"] == [MD]
-        assert w.properties()["LastResult"] == "ok"
+        finished = wait_for(lambda: w.properties()["LastResult"] == "ok" or None, 15, "LastResult ok")
+        assert finished
         assert len(broker.gracefuls()) == gracefuls + 1
+        status = broker.status()
+        assert status["retry"] is None and status["last_result"] == "ok"
+        assert any("held back (config test failed" in line and f"apache-restart request {MD}" in line
+                   for line in broker.log_lines())
 
 
 # -- 3: several MDs renewed together --------------------------------------------------------------

@@ -18,6 +18,7 @@ import json
 import os
 import pwd
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -28,6 +29,8 @@ import pytest
 
 import broker
 from broker import names
+from tests import busutil
+from tests.realstack.stack import REPO
 from harness.procs import wait_for
 from tests import storefactory
 from tests.realstack.stack import (
@@ -288,3 +291,59 @@ def test_www_data_may_read_properties_but_not_call_admin_methods(realstack: Star
         assert stack.call("root", member).ok
     status = stack.call("root", "GetStatus")
     assert isinstance(json.loads(status.value()), dict)
+
+
+# -- apache-restart test: the whole path, restarting nothing ----------------------------------
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def admin_test(stack: RealStack, *args: str) -> tuple[int, list[str]]:
+    """`apache-restart test` as root on the stack's bus: (exit status, lines)."""
+    result = subprocess.run([sys.executable, "-m", "client.admin", "--bus-address", stack.address, "test",
+                             "--hook", str(VENV_BIN / "apache-restart-hook"), *args],
+                            cwd=str(REPO), env=busutil.broker_env(), stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=90, check=False)
+    print(result.stdout + result.stderr)
+    return result.returncode, result.stdout.splitlines()
+
+
+def test_self_test_checks_the_whole_path_restarting_nothing(realstack: StartStack) -> None:
+    # Nothing listens on port 1: the probe step must fail, and say what to fix.
+    stack = realstack(probe=["127.0.0.1:1"])
+    storefactory.add_active(stack.store, MD, [MD])
+    storefactory.add_staged(stack.store, MD, [MD])
+    rc, lines = admin_test(stack, MD)
+    assert rc == 1, lines
+    assert lines[0] == f"apache-restart test {MD}: the path a renewal takes, restarting nothing"
+    verdicts = [line.split(":", 1)[0] for line in lines[1:] if not line.startswith(" ")][:-1]
+    assert verdicts == [
+        "ok    root", "ok    broker", f"ok    hook as {APACHE_USER}", f"ok    bus policy and polkit for {APACHE_USER}",
+        "ok    store", f"ok    managed {MD}", f"ok    staged {MD}", "ok    apache running", "ok    config test",
+        "FAIL  probe 127.0.0.1",
+    ], lines
+    assert f"ok    bus policy and polkit for {APACHE_USER}: the hook's request for {MD} would be taken" in lines
+    (probe,) = [i for i, line in enumerate(lines) if line.startswith("FAIL  probe 127.0.0.1:1")]
+    assert "no certificate: connection refused" in lines[probe]
+    assert lines[probe + 1].startswith("      fix: check the probe address")
+    assert lines[-1] == "9 of 10 checks passed; 1 failed: fix them and run 'apache-restart test' again"
+    # It really was www-data that the broker authorized (polkit, through the shipped rule) ...
+    assert f"dry run from uid {pwd.getpwnam(APACHE_USER).pw_uid} for {MD}" in stack.broker_log()
+    # ... and nothing was scheduled or restarted; the config test ran once.
+    assert stack.prop("Pending") is False and stack.prop("LastRestart") == 0
+    assert stack.apachectl_calls("graceful") == [] and len(stack.apachectl_calls("configtest")) == 1
+
+
+def test_self_test_names_a_user_the_bus_policy_refuses(realstack: StartStack) -> None:
+    stack = realstack()
+    storefactory.add_active(stack.store, MD, [MD])
+    rc, lines = admin_test(stack, "--apache-user", OTHER_USER)
+    assert rc == 1, lines
+    (refused,) = [i for i, line in enumerate(lines) if line.startswith(f"FAIL  bus policy and polkit for {OTHER_USER}")]
+    assert lines[refused] == f"FAIL  bus policy and polkit for {OTHER_USER}: refused by the bus policy"
+    assert lines[refused + 1].startswith("      fix: the bus policy (")
+    assert f"must name {OTHER_USER}" in lines[refused + 1]
+    # Without a NAME every MD of the store is checked.
+    assert f"ok    managed {MD}: names {MD}" in lines
+    assert f"ok    hook as {OTHER_USER}: " in "\n".join(lines)
+    assert lines[-1].endswith("; 1 failed: fix them and run 'apache-restart test' again"), lines

@@ -15,7 +15,6 @@ Timings of every phase are printed at the end of the session.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import tempfile
@@ -25,14 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 
 from broker import names
 from harness import nspawn
 from harness.procs import wait_for
 from tests import storefactory
 from tests.systemd.conftest import note, note_result
+from tests.systemd.steps import count_in, is_active, prop, served_sha256, unit_prop
 
 pytestmark = pytest.mark.systemd
 
@@ -71,23 +69,6 @@ class System:
     c: nspawn.Container
     install_output: str
     store: Path                      # the host's copy of the MD store (same store key)
-
-
-def busctl_json(c: nspawn.Container, *args: str, user: str | None = None) -> object:
-    r = c.run(["busctl", "--json=short", *args], user=user)
-    return json.loads(r.stdout)["data"]
-
-
-def prop(c: nspawn.Container, name: str) -> object:
-    return busctl_json(c, "get-property", names.BUS_NAME, names.OBJECT_PATH, names.INTERFACE, name)
-
-
-def unit_prop(c: nspawn.Container, unit: str, name: str) -> str:
-    return c.run(["systemctl", "show", "--value", "-p", name, unit]).stdout.strip()
-
-
-def is_active(c: nspawn.Container, unit: str) -> str:
-    return c.run(["systemctl", "is-active", unit], check=False).stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -162,25 +143,11 @@ def test_nobody_is_refused_by_the_bus_without_activating(system: System) -> None
     assert is_active(c, UNIT) == "inactive"
 
 
-def _served_sha256(c: nspawn.Container) -> str:
-    pem = c.run(["/usr/bin/python3", "-c",
-                 "import ssl; print(ssl.get_server_certificate(('127.0.0.1', 443)))"]).stdout
-    cert = x509.load_pem_x509_certificate(pem.encode())
-    return cert.fingerprint(hashes.SHA256()).hex()
-
-
-def _count(c: nspawn.Container, path: str, needle: str) -> int:
-    try:
-        return c.path(path).read_text(errors="replace").count(needle)
-    except FileNotFoundError:
-        return 0
-
-
 def test_www_data_request_activates_broker_and_reloads_apache(system: System) -> None:
     c = system.c
     active = storefactory.read_active_fingerprint(c.path(STORE), MD)
     assert active is not None
-    assert storefactory.fingerprint_of([_served_sha256(c)]) == active
+    assert storefactory.fingerprint_of([served_sha256(c)]) == active
 
     # mod_md stages a renewed set as www-data and tells the hook once job.json is written.
     staged = storefactory.add_staged(system.store, MD, job={"finished": True, "notified-renewed": True})
@@ -191,7 +158,7 @@ def test_www_data_request_activates_broker_and_reloads_apache(system: System) ->
 
     main_pid = unit_prop(c, "apache2.service", "MainPID")
     assert int(main_pid) > 0
-    graceful_before = _count(c, "/var/log/apache2/error.log", "AH00493")
+    graceful_before = count_in(c, "/var/log/apache2/error.log", "AH00493")
     assert is_active(c, UNIT) == "inactive"
     assert is_active(c, "polkit.service") == "inactive"   # nothing has asked polkit yet
 
@@ -227,15 +194,108 @@ def test_www_data_request_activates_broker_and_reloads_apache(system: System) ->
     # ... and was graceful: same parent, AH00493 logged once more.
     assert unit_prop(c, "apache2.service", "MainPID") == main_pid
     assert is_active(c, "apache2.service") == "active"
-    assert _count(c, "/var/log/apache2/error.log", "AH00493") == graceful_before + 1
+    assert count_in(c, "/var/log/apache2/error.log", "AH00493") == graceful_before + 1
     # mod_md activated the staged set, and Apache serves it.
     assert not c.path(f"{STORE}/staging/{MD}").exists()
     assert storefactory.read_active_fingerprint(c.path(STORE), MD) == staged.fingerprint
-    assert _served_sha256(c) == staged.sha256()
+    assert served_sha256(c) == staged.sha256()
     # The broker asked polkit: polkitd was activated for it.
     assert is_active(c, "polkit.service") == "active"
     broker_log = c.run(["journalctl", "--no-pager", "-o", "cat", "-u", UNIT]).stdout
     assert f"request from uid 33 for {MD} accepted" in broker_log, broker_log
+
+
+def test_self_test_under_systemd(system: System) -> None:
+    c = system.c
+    gracefuls = count_in(c, "/var/log/apache2/error.log", "AH00493")
+    r = c.run(["/usr/local/bin/apache-restart", "test", MD], check=False)
+    note_result("apache-restart test (systemd tier)", r.stdout.rstrip())
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[-1] == "9 of 9 checks passed", lines
+    assert f"ok    hook as {APACHE_USER}: /usr/local/bin/apache-restart-hook runs" in r.stdout
+    assert (f"ok    bus policy and polkit for {APACHE_USER}: let through (the broker would refuse {MD} now: "
+            f"NothingStaged: no certificate set is staged for {MD})") in r.stdout
+    assert f"ok    probe 127.0.0.1:443 ({MD}): serves the active certificate" in r.stdout
+    # A user the bus policy does not name fails that one step, and says what to fix.
+    r = c.run(["/usr/local/bin/apache-restart", "test", "--apache-user", "nobody", MD], check=False)
+    note_result("apache-restart test --apache-user nobody (systemd tier)", r.stdout.rstrip())
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "FAIL  bus policy and polkit for nobody: refused by the bus policy\n" in r.stdout
+    assert "      fix: the bus policy (/usr/share/dbus-1/system.d/org.masysma.ApacheRestart.conf)" in r.stdout
+    # Nothing was restarted.
+    assert count_in(c, "/var/log/apache2/error.log", "AH00493") == gracefuls
+    assert prop(c, "Pending") is False
+
+
+def test_a_config_typo_is_named_and_a_broker_that_cannot_start_is_reported_at_once(system: System) -> None:
+    c = system.c
+    config = c.path("/etc/apache-restart-broker.toml")
+    good = config.read_text()
+    c.run(["systemctl", "stop", UNIT])
+    try:
+        config.write_text(good + "setle_seconds = 10\n")
+        r = c.run(["/usr/local/sbin/apache-restart-broker", "--check-config"], check=False)
+        assert r.returncode == 2, r
+        assert "setle_seconds" in r.stderr and "did you mean settle_seconds?" in r.stderr, r.stderr
+        note_result("apache-restart-broker --check-config (a typo)", r.stderr.rstrip())
+
+        t0 = time.monotonic()
+        r = c.run(["/usr/local/bin/apache-restart", "status"], check=False)
+        took = time.monotonic() - t0
+        note("status while the broker cannot start", took)
+        note_result("apache-restart status (the broker cannot start)", r.stderr.rstrip())
+        assert r.returncode == 3, r
+        assert r.stderr.startswith("apache-restart: status: the broker cannot start: "), r.stderr
+        assert "apache-restart-broker --check-config" in r.stderr, r.stderr
+        # Not the bus daemon's activation timeout (25 s), nor our own 30 s.
+        assert took < 10, took
+        # A configuration error is not restarted (exit 2 is RestartPreventExitStatus=).
+        assert is_active(c, UNIT) == "failed"
+        assert unit_prop(c, UNIT, "NRestarts") == "0"
+        assert unit_prop(c, UNIT, "ExecMainStatus") == "2"
+        # Fixed, but the bus still waits on its first attempt (25 s) and does not ask systemd
+        # again: status says so, instead of hanging.
+        config.write_text(good)
+        c.run(["systemctl", "reset-failed", UNIT])
+        t0 = time.monotonic()
+        r = c.run(["/usr/local/bin/apache-restart", "status"], check=False)
+        assert r.returncode == 3, r
+        assert r.stderr.startswith("apache-restart: status: the broker is not running: "), r.stderr
+        assert "is inactive and the bus has not started it" in r.stderr, r.stderr
+        assert f"systemctl start {UNIT}" in r.stderr, r.stderr
+        assert time.monotonic() - t0 < 10
+        c.run(["systemctl", "start", UNIT])
+    finally:
+        config.write_text(good)
+        c.run(["systemctl", "reset-failed", UNIT], check=False)
+    r = c.run(["/usr/local/sbin/apache-restart-broker", "--check-config"])
+    assert ": ok: store /etc/apache2/md, restart via systemd (apache2.service), settle 1 s" in r.stdout, r.stdout
+    r = c.run(["/usr/local/bin/apache-restart", "status"])
+    note_result("apache-restart status (systemd tier)", r.stdout.rstrip())
+    assert f"\n{MD}\n  names:      {MD}\n" in r.stdout, r.stdout
+    r = c.run(["/usr/local/bin/apache-restart", "status"], user="nobody", check=False)
+    assert r.returncode == 4
+    assert r.stderr == "apache-restart: status: run as root (the broker answers GetStatus only for root)\n"
+
+
+def test_a_failed_install_leaves_no_half_made_venv(system: System) -> None:
+    c = system.c
+    c.run(["systemctl", "stop", UNIT])
+    c.run(["mv", "/opt/apache-restart-broker", "/opt/arb-installed-aside"])
+    try:
+        # pip finds nothing to install: the venv is made, then filling it fails.
+        r = c.run(["/usr/bin/python3", "/src/scripts/install", "--restart-via", "systemd",
+                   "--pip-arg=--no-index", "--pip-arg=--find-links=/nonexistent"], check=False, timeout=300)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "created /opt/apache-restart-broker/venv" in " ".join(r.stdout.split()), r.stdout
+        assert r.stderr.startswith("install: "), r.stderr
+        assert "nothing half-made is left" in r.stdout, r.stdout
+        assert not c.path("/opt/apache-restart-broker").exists()
+    finally:
+        c.run(["rm", "-rf", "/opt/apache-restart-broker"])
+        c.run(["mv", "/opt/arb-installed-aside", "/opt/apache-restart-broker"])
+    assert c.run(["/usr/local/bin/apache-restart", "--version"]).stdout.startswith("apache-restart ")
 
 
 def test_broker_sandbox_exposure_online(system: System) -> None:

@@ -102,6 +102,62 @@ async def test_config_test_failure_restarts_nothing_and_is_reported(tmp_path, st
     assert finished[-1][0] is True
 
 
+async def test_failed_config_test_is_retried_on_its_own_and_survives_a_new_engine(tmp_path, store):
+    storefactory.add_staged(store, MD, [MD])
+    clock = Clock()
+    apache = FakeApache(store, configtest_ok=False)
+    engine, finished = make_engine(tmp_path, store, apache, clock)
+    engine.request(MD, caller_uid=33)
+    clock.t += 10
+    await engine.restart_now()
+    failed_at = clock.t
+    # Held back, not dropped: pending again, due min_interval (60 s) later, and status says why.
+    assert engine.pending
+    assert engine.planned_at_usec == int((failed_at + 60) * 1_000_000)
+    status = engine.status()
+    assert status["waiting_for"] == "retry"
+    assert status["retry"] == {"attempts": 1, "at_usec": int((failed_at + 60) * 1_000_000),
+                               "reason": "config test failed: AH00526: Syntax error"}
+    assert status["last_result_usec"] == int(failed_at * 1_000_000) and status["last_restart_usec"] == 0
+    (entry,) = status["mds"]
+    assert entry["pending"] is True and entry["staged"]["valid"] is True
+
+    # The broker restarts: the retry and the result's own time come back from the state file.
+    again, finished = make_engine(tmp_path, store, apache, clock)
+    assert again.status()["retry"] == status["retry"]
+    assert again.status()["last_result_usec"] == status["last_result_usec"]
+    apache.configtest_ok = True
+    runner = asyncio.ensure_future(again.run())
+    try:
+        await asyncio.sleep(0.3)
+        assert apache.restarts == 0  # not before the retry is due
+        clock.t = failed_at + 60
+        again._wakeup.set()
+        for _ in range(100):
+            if finished:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        runner.cancel()
+    assert finished == [(True, "1 MD active", [MD])]
+    assert apache.restarts == 1 and not again.pending and again.status()["retry"] is None
+
+
+async def test_a_held_back_restart_backs_off(tmp_path, store):
+    storefactory.add_staged(store, MD, [MD])
+    clock = Clock()
+    engine, _ = make_engine(tmp_path, store, FakeApache(store, configtest_ok=False), clock)
+    engine.request(MD, caller_uid=33)
+    delays = []
+    for _ in range(3):
+        await engine.restart_now()
+        delays.append(engine.planned_at_usec / 1e6 - clock.t)
+        clock.t = engine.planned_at_usec / 1e6
+    assert delays == [60, 120, 240]
+    engine.request(MD, caller_uid=0)  # root: retry now
+    assert engine.status()["retry"] is None
+
+
 async def test_pending_work_survives_a_new_engine(tmp_path, store):
     storefactory.add_staged(store, MD, [MD])
     clock = Clock()

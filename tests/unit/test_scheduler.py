@@ -4,7 +4,16 @@ import math
 import pytest
 
 from broker import errors
-from broker.scheduler import MAX_FAILED, Pending, Scheduler
+from broker.scheduler import (
+    MAX_FAILED,
+    RETRY_CAP,
+    WAIT_INTERVAL,
+    WAIT_RETRY,
+    WAIT_SETTLE,
+    Pending,
+    Retry,
+    Scheduler,
+)
 
 T0 = 1_700_000_000.0
 SETTLE = 30.0
@@ -236,7 +245,9 @@ def _mutations():
         "none": None,
         "missing key": m(lambda d: d.pop("failed")),
         "unknown key": m(lambda d: d.update(extra=1)),
-        "version 2": m(lambda d: d.update(version=2)),
+        "version 2 without retry": m(lambda d: d.update(version=2)),
+        "version 3": m(lambda d: d.update(version=3, retry=None)),
+        "retry in version 1": m(lambda d: d.update(retry=None)),
         "version str": m(lambda d: d.update(version="1")),
         "version float": m(lambda d: d.update(version=1.0)),
         "version bool": m(lambda d: d.update(version=True)),
@@ -272,6 +283,100 @@ def test_valid_fixture_is_accepted():
 def test_from_dict_rejects_malformed(name):
     with pytest.raises(ValueError):
         Scheduler.from_dict(_mutations()[name], SETTLE, MIN_INTERVAL)
+
+
+def _valid_v2():
+    d = _valid()
+    d.update(version=2, retry={"attempts": 2, "at": T0 + 600, "reason": "config test failed: AH00526"})
+    return d
+
+
+def test_valid_v2_fixture_is_accepted():
+    s = Scheduler.from_dict(_valid_v2(), SETTLE, MIN_INTERVAL)
+    assert s.retry == Retry(2, T0 + 600, "config test failed: AH00526")
+    assert s.plan(T0, never) == (T0 + 600, WAIT_RETRY)
+
+
+@pytest.mark.parametrize("change", [
+    lambda r: r.pop("reason"),
+    lambda r: r.update(extra=1),
+    lambda r: r.update(attempts=0),
+    lambda r: r.update(attempts=True),
+    lambda r: r.update(attempts=1.0),
+    lambda r: r.update(at=math.nan),
+    lambda r: r.update(at="1"),
+    lambda r: r.update(reason=5),
+    lambda r: r.update(reason="x" * 10_000),
+], ids=["no reason", "extra", "zero attempts", "bool attempts", "float attempts", "nan at",
+        "str at", "int reason", "long reason"])
+def test_from_dict_rejects_malformed_retry(change):
+    d = _valid_v2()
+    change(d["retry"])
+    with pytest.raises(ValueError, match="retry"):
+        Scheduler.from_dict(d, SETTLE, MIN_INTERVAL)
+
+
+def test_from_dict_rejects_retry_with_nothing_pending():
+    d = _valid_v2()
+    d.update(pending={}, window_opened_at=None)
+    with pytest.raises(ValueError, match="nothing pending"):
+        Scheduler.from_dict(d, SETTLE, MIN_INTERVAL)
+
+
+def test_held_back_restart_is_retried_with_backoff_up_to_the_cap(s):
+    s.add("a", "fa", T0)
+    t = T0 + SETTLE
+    delays = []
+    for _ in range(8):
+        batch = s.take_batch()
+        assert batch == {"a": "fa"}
+        retry = s.hold(batch, t, "config test failed: AH00526: Syntax error")
+        assert s.pending["a"].fingerprint == "fa"
+        planned, why = s.plan(t, never)
+        assert why == WAIT_RETRY and planned == retry.at
+        delays.append(retry.at - t)
+        t = retry.at
+    assert delays == [300, 600, 1200, 2400, 3600, 3600, 3600, 3600]
+    assert delays[-1] == RETRY_CAP
+    assert s.retry.attempts == 8 and s.retry.reason.startswith("config test failed")
+
+
+def test_retry_round_trips(s):
+    s.add("a", "fa", T0)
+    s.hold(s.take_batch(), T0 + SETTLE, "apache is not running (no pid file)")
+    t = Scheduler.from_dict(json.loads(json.dumps(s.to_dict())), SETTLE, MIN_INTERVAL)
+    assert t.retry == s.retry and t.pending == s.pending
+    assert t.plan(T0 + SETTLE, never) == s.plan(T0 + SETTLE, never)
+
+
+def test_issued_restart_and_root_end_the_retry(s):
+    s.add("a", "fa", T0)
+    s.hold(s.take_batch(), T0 + SETTLE, "config test failed")
+    s.add("a", "fb", T0 + 40)  # a new set from www-data still waits for the retry
+    assert s.plan(T0 + 40, never)[1] == WAIT_RETRY
+    s.add("a", "fb", T0 + 41, override=True)  # root: apache-restart request a
+    assert s.retry is None
+    planned, why = s.plan(T0 + 41, never)
+    assert planned <= T0 + 41 and why == WAIT_SETTLE  # due: the restored window had ended
+    s.hold(s.take_batch(), T0 + 42, "config test failed")
+    s.take_batch()
+    s.record_restart(T0 + 400)
+    assert s.retry is None
+
+
+def test_retry_delay_respects_a_long_min_interval():
+    s = Scheduler(0, 86400)
+    assert s.retry_delay(1) == 86400 and s.retry_delay(5) == 86400
+    assert Scheduler(0, 0).retry_delay(1) == 1.0
+
+
+def test_plan_says_what_the_restart_waits_for(s):
+    s.add("a", "fa", T0)
+    assert s.plan(T0, never) == (T0 + SETTLE, WAIT_SETTLE)
+    s.take_batch()
+    s.record_restart(T0 + SETTLE)
+    s.add("a", "fb", T0 + 60)
+    assert s.plan(T0 + 60, never) == (T0 + SETTLE + MIN_INTERVAL, WAIT_INTERVAL)
 
 
 @pytest.mark.parametrize("settle,min_interval,exc", [

@@ -1,0 +1,92 @@
+"""The broker's half of `apache-restart test`: each check's verdict and what it says to fix."""
+
+import ssl
+import sys
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from broker import selftest
+from broker.staging import Store
+from tests import storefactory
+
+MD = "www.example.test"
+FAILING_CONFIGTEST = (sys.executable, "-c",
+                      "print('AH00526: Syntax error on line 3 of x.conf:'); print('Invalid command'); exit(1)")
+
+
+def by_step(steps):
+    return {s.step: s for s in steps}
+
+
+async def run(store: Path, md: str = MD, failed=None, configtest=(), probes=(), served=None, running=None):
+    kw = {"served": served} if served else {}
+    return await selftest.run(str(store), Store(str(store)), md, failed or {}, configtest, 10.0, probes,
+                              running, **kw)
+
+
+async def test_a_sound_path(tmp_path):
+    store = storefactory.make_store(tmp_path)
+    active = storefactory.add_active(store, MD, [MD, "alias.example.test"])
+    storefactory.add_staged(store, MD, [MD, "alias.example.test"])
+    asked = []
+
+    async def served(address, sni, timeout):
+        asked.append((address, sni))
+        return active.certs["rsa"].cert.public_bytes(Encoding.DER)
+
+    steps = await run(store, configtest=(sys.executable, "-c", "pass"), probes=("127.0.0.1:443",), served=served,
+                      running=lambda: (True, "pid 1"))
+    assert [(s.step, s.ok) for s in steps] == [
+        ("store", True), (f"managed {MD}", True), (f"staged {MD}", True), ("apache running", True),
+        ("config test", True), (f"probe 127.0.0.1:443 ({MD})", True)]
+    assert by_step(steps)[f"managed {MD}"].detail == f"names {MD}, alias.example.test"
+    assert asked == [("127.0.0.1:443", MD)]
+    assert all(s.fix == "" for s in steps)
+
+
+async def test_each_failure_names_what_to_fix(tmp_path):
+    store = storefactory.make_store(tmp_path)
+    storefactory.add_staged(store, MD, [MD], valid_from=time.time() - 86400, valid_until=time.time() - 3600)
+
+    async def served(address, sni, timeout):
+        raise ssl.SSLError(1, "boom")
+
+    steps = by_step(await run(store, configtest=FAILING_CONFIGTEST, probes=("127.0.0.1:443",), served=served,
+                              running=lambda: (False, "no live process is named in /run/apache2/apache2.pid")))
+    managed = steps[f"managed {MD}"]
+    assert not managed.ok and "not an MDomain of this Apache" in managed.detail and "MDomain line" in managed.fix
+    staged = steps[f"staged {MD}"]
+    assert not staged.ok and staged.detail.startswith("refused: expired")
+    assert not steps["apache running"].ok and steps["apache running"].fix.startswith("start Apache")
+    config = steps["config test"]
+    assert not config.ok and "AH00526" in config.detail and config.fix.startswith(f"run {sys.executable}")
+    (probe,) = [s for s in steps.values() if s.step.startswith("probe ")]
+    assert not probe.ok and probe.detail.startswith("no certificate: TLS error")
+
+
+async def test_a_set_that_failed_before_and_another_certificate_served(tmp_path):
+    store = storefactory.make_store(tmp_path)
+    storefactory.add_active(store, MD, [MD])
+    staged = storefactory.add_staged(store, MD, [MD])
+
+    async def served(address, sni, timeout):
+        # The staged one is served, but the store says the old one is active.
+        return staged.certs["rsa"].cert.public_bytes(Encoding.DER)
+
+    steps = by_step(await run(store, failed={MD: staged.fingerprint}, probes=("127.0.0.1:443",), served=served))
+    staged_step = steps[f"staged {MD}"]
+    assert not staged_step.ok and staged_step.fix == f"after fixing the cause: apache-restart request {MD}"
+    assert steps["config test"].ok and "none configured" in steps["config test"].detail
+    assert not steps[f"probe 127.0.0.1:443 ({MD})"].ok
+
+
+async def test_a_missing_or_empty_store_stops_early(tmp_path):
+    steps = await run(tmp_path / "nowhere", md="")
+    assert [(s.step, s.ok) for s in steps] == [("store", False)]
+    assert "is not a directory" in steps[0].detail and "MDStoreDir" in steps[0].fix
+    empty = storefactory.make_store(tmp_path)
+    steps = await run(empty, md="")
+    assert [(s.step, s.ok) for s in steps] == [("store", False)]
+    assert "holds no MD" in steps[0].detail
