@@ -237,7 +237,11 @@ class Engine:
             if active is not None and self.refresh_failed.forget(md):
                 log.info(f"{md}: root retries the restart that did not make this node serve "
                          "the active certificate")
-                return self._schedule_refresh({md: active})
+                return self._schedule_refresh({md: active}, override=True)
+            if active is not None and self._is_refresh(md, active.fingerprint):
+                # A refresh held back (config test): root retries it now, as for a staged set.
+                log.info(f"{md}: root retries the held-back restart for the active certificate")
+                return self._schedule_refresh({md: active}, override=True)
             raise
         return self._schedule({md: staged}, override=(caller_uid == 0))
 
@@ -343,12 +347,14 @@ class Engine:
     def _is_refresh(self, md: str, fingerprint: str) -> bool:
         return self.refresh_pending.get(md) == fingerprint
 
-    def _schedule_refresh(self, sets: Mapping[str, CertSet]) -> int:
-        """Schedule restarts that make this node serve the active sets (no staged set involved)."""
+    def _schedule_refresh(self, sets: Mapping[str, CertSet], override: bool = False) -> int:
+        """Schedule restarts that make this node serve the active sets (no staged set involved).
+
+        `override`: root asked, which (as for a staged set) also ends a retry's back-off."""
         now = self.clock()
         for md, active in sets.items():
             try:
-                self.scheduler.add(md, active.fingerprint, now)
+                self.scheduler.add(md, active.fingerprint, now, override=override)
             except AlreadyFailed:
                 # This node failed to activate exactly this set itself: the scheduler's rule.
                 log.notice(f"{md}: the active set failed to activate here before; not scheduled")
@@ -471,9 +477,11 @@ class Engine:
             await self._restart_batch(batch)
         finally:
             self.restarting = False
-            # Whatever became of them, these refresh requests are answered (a new check asks again).
+            # Whatever became of them, these refresh requests are answered (a new check asks
+            # again), except those held back for a retry: they are pending again, as they were.
             for md, fingerprint in batch.items():
-                if self._is_refresh(md, fingerprint):
+                again = self.scheduler.pending.get(md)
+                if self._is_refresh(md, fingerprint) and (again is None or again.fingerprint != fingerprint):
                     del self.refresh_pending[md]
             self._save()
 

@@ -235,3 +235,54 @@ async def test_min_interval_holds_for_refresh_restarts(tmp_path, cluster):
     engine.scheduler.record_restart(now[0] - 10)
     _, planned = await engine.check()
     assert planned == int((now[0] + 50) * 1_000_000)  # last restart + 60 s
+
+
+async def test_a_refresh_held_back_by_the_config_test_is_retried_on_its_own(tmp_path, cluster):
+    """A restart that was never issued proved nothing: its retry still restarts the node,
+    without waiting for the next check."""
+    store, old, active = cluster
+    now = [1_800_000_000.0]
+    node = Node(store, old)
+    outcomes = [RestartOutcome(False, False, "configtest failed: Syntax error")]
+    real_restart = node.restart
+
+    async def restart() -> RestartOutcome:
+        if outcomes:
+            return outcomes.pop(0)
+        return await real_restart()
+
+    node.restart = restart  # type: ignore[method-assign]
+    engine = make_engine(tmp_path, store, node, clock=lambda: now[0])
+    assert (await engine.check())[0] == [MD]
+    await engine.restart_now()
+    assert node.restarts == 0 and engine.scheduler.retry is not None
+    assert engine.scheduler.pending[MD].fingerprint == active.fingerprint
+    now[0] = engine.scheduler.retry.at
+    await engine.restart_now()
+    assert node.restarts == 1 and engine.last_result == "ok"
+    assert node.serving.sha256 == active.sha256()
+    assert engine.refresh_pending == {} and engine.refresh_failed.failed == {}
+
+
+async def test_root_retries_a_held_back_refresh_at_once(tmp_path, cluster):
+    store, old, active = cluster
+    now = [1_800_000_000.0]
+    node = Node(store, old)
+    outcomes = [RestartOutcome(False, False, "configtest failed: Syntax error")]
+    real_restart = node.restart
+
+    async def restart() -> RestartOutcome:
+        return outcomes.pop(0) if outcomes else await real_restart()
+
+    node.restart = restart  # type: ignore[method-assign]
+    engine = make_engine(tmp_path, store, node, clock=lambda: now[0], min_interval_seconds=0)
+    await engine.check()
+    await engine.restart_now()
+    assert engine.scheduler.retry is not None and engine.planned_at_usec > int(now[0] * 1e6)
+    with pytest.raises(NothingStaged):
+        engine.request(MD, caller_uid=33)  # www-data cannot
+    # The hint in the log names this command: it retries now, not after the back-off.
+    assert engine.request(MD, caller_uid=0) == int(now[0] * 1_000_000)
+    assert engine.scheduler.retry is None
+    await engine.restart_now()
+    assert node.restarts == 1 and node.serving.sha256 == active.sha256()
