@@ -418,7 +418,14 @@ class Engine:
                 pass
             except BrokerError as e:
                 entry["staged"] = {"valid": False, "problem": e.message}
-            entry["served"] = [s.to_json() for s in self.last_served.get(md, [])]
+            served = self.last_served.get(md, [])
+            entry["served"] = [s.to_json() for s in served]
+            # Cluster: this node serves an older certificate than the store's active one, and
+            # whether a restart for exactly that already failed to change it (not repeated).
+            name = None if active is None else sni_name(active)
+            entry["served_behind"] = bool(active is not None and name is not None and behind(served, active, name))
+            entry["served_behind_failed"] = bool(
+                active is not None and self.refresh_failed.failed_before(md, active.fingerprint))
             mds.append(entry)
         props = self.properties()
         now = self.clock()

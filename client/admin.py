@@ -120,8 +120,9 @@ def _served_line(entry: dict, active: dict | None, now: float) -> str:
     active_sha = {c.get("sha256") for c in (active or {}).get("certs") or []}
     which = "the active certificate" if entry.get("sha256") in active_sha else "NOT the active certificate"
     not_after = int(entry.get("not_after_usec") or 0)
-    return (f"{probe}: serial {entry.get('serial', '?')}, {which}, "
-            f"{_days_left(not_after, now) if not_after else 'expiry unknown'}")
+    expiry = f"expires {format_usec(not_after)} ({_days_left(not_after, now)})" if not_after else "expiry unknown"
+    key_type = f"{entry['key_type']} " if entry.get("key_type") else ""
+    return f"{probe}: {key_type}serial {entry.get('serial', '?')}, {expiry}, {which}"
 
 
 def _restart_state(status: dict, props: dict, now: float) -> str:
@@ -153,6 +154,15 @@ def _next_step(md: dict, status: dict, now: float) -> str:
     """What happens to an MD's staged set next, and what an admin can do about it."""
     name = md.get("name", "?")
     staged = md.get("staged")
+    if staged is None and md.get("served_behind_failed"):
+        return ("served behind the store, and a restart did not change that: not retried on its own "
+                f"(is the probe address this Apache?); after fixing the cause: apache-restart request {name}")
+    if staged is None and md.get("pending"):
+        planned = int(status.get("planned_at_usec") or 0)
+        return f"restart {format_planned(planned, now)}, so that this node serves the store's active certificate"
+    if staged is None and md.get("served_behind"):
+        return ("served behind the store (another node activated a renewal): the next check-all (the check "
+                "timer) restarts this node; now: apache-restart check-all")
     if staged is None:
         return "nothing staged: nothing to do (mod_md stages a renewal before the certificate expires)"
     if not staged.get("valid"):
@@ -202,9 +212,9 @@ def render_status(status: dict, props: dict, now: float | None = None) -> str:
         for i, entry in enumerate(md.get("served") or []):
             out.append(_line("  served:" if i == 0 else "", _served_line(entry, active, now)))
         if staged and staged.get("valid"):
-            certs = ", ".join(f"{c.get('key_type', '?')} serial {c.get('serial', '?')}"
-                              for c in staged.get("certs") or [])
-            out.append(_line("  staged:", f"valid, since {format_usec(int(staged.get('since_usec') or 0))}: {certs}"))
+            # Per key type, like the active set: serial and expiry of what the restart brings.
+            out.append(_line("  staged:", f"valid, since {format_usec(int(staged.get('since_usec') or 0))}"))
+            out += [_line("", _cert_line(c, now)) for c in staged.get("certs") or []]
         elif staged:
             out.append(_line("  staged:", "INVALID"))
         else:

@@ -146,7 +146,9 @@ async def test_status_per_md(start_broker, bus_address, mixed_store):
         (line,) = [x for x in both.splitlines() if sets["both.active"].serial(kt) in x]
         assert kt in line and "issuer " in line and "storefactory test CA" in line
         assert "days left)" in line
-        assert sets["both.staged"].serial(kt) in both
+        # The staged set per key type too: serial and expiry, like the active one.
+        (line,) = [x for x in both.splitlines() if sets["both.staged"].serial(kt) in x]
+        assert line.startswith(f"              {kt}") and "expires " in line and "days left)" in line
     assert "  staged:     valid, since " in both
     assert f"  next:       valid, but no restart pending (the hook's request did not arrive?): " \
            f"apache-restart request {BOTH}" in both

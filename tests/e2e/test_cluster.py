@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from client import admin, monitor
 from harness import CertInfo, Stack
 from harness.broker import BrokerOptions, BusWatcher
 from harness.node import Node, add_node
@@ -143,7 +144,11 @@ def test_the_other_node_serves_what_the_renewing_node_activated(
     (entry,) = status["mds"]
     assert entry["active"]["certs"][0]["serial"] == format(second.serial, "x")
     assert [(s["probe"], s["serial"]) for s in entry["served"]] == [(b.https_address, format(first.serial, "x"))]
+    assert entry["served_behind"] is True and entry["served_behind_failed"] is False
     assert b.broker.gracefuls() == []
+    # What an admin on b sees (apache-restart status; the check plugin), printed for the record.
+    print("\nb behind the store, apache-restart status:\n" + admin.render_status(status, {}))
+    print("b behind the store, apache-restart check: " + monitor.evaluate(status, time.time()).line())
 
     # b's check timer: CheckAll notices and restarts b, which then serves the store's set.
     checked = time.time()
@@ -164,7 +169,8 @@ def test_the_other_node_serves_what_the_renewing_node_activated(
     assert b_watch.check_all() == ([], 0)
     assert a_watch.check_all()[0] == []
     assert len(b.broker.gracefuls()) == 1
-    assert b_watch.get_status()["mds"][0]["served"][0]["serial"] == format(second.serial, "x")
+    (entry,) = b_watch.get_status()["mds"]
+    assert entry["served"][0]["serial"] == format(second.serial, "x") and entry["served_behind"] is False
 
     # c: its probe keeps showing an older certificate; one restart, then never again for it.
     scheduled, _ = c_watch.check_all()

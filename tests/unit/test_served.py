@@ -167,6 +167,9 @@ async def test_check_restarts_a_node_that_serves_behind_the_store_once(tmp_path,
     store, old, active = cluster
     node = Node(store, old)
     engine = make_engine(tmp_path, store, node)
+    await engine.status_probed()
+    (entry,) = engine.status()["mds"]
+    assert entry["served_behind"] is True and entry["served_behind_failed"] is False
     scheduled, planned = await engine.check()
     assert scheduled == [MD] and planned > 0
     # Nothing staged: no hook will end the settle window, but nothing of mod_md's is pending either.
@@ -176,6 +179,7 @@ async def test_check_restarts_a_node_that_serves_behind_the_store_once(tmp_path,
     assert node.serving.sha256 == active.sha256()
     status = engine.status()
     assert status["mds"][0]["served"][0]["sha256"] == active.sha256()
+    assert status["mds"][0]["served_behind"] is False
     # Serving the store's set now: the next checks schedule nothing.
     assert await engine.check() == ([], 0)
     assert engine.refresh_pending == {} and engine.refresh_failed.failed == {}
@@ -189,6 +193,8 @@ async def test_a_restart_that_did_not_help_is_not_repeated_until_root_asks(tmp_p
     await engine.restart_now()
     assert node.restarts == 1 and engine.last_result.startswith("failed")
     assert engine.refresh_failed.failed == {MD: active.fingerprint}
+    (entry,) = engine.status()["mds"]
+    assert entry["served_behind"] is True and entry["served_behind_failed"] is True
     # Remembered across a restart of the broker (the check timer may activate a fresh one).
     engine = make_engine(tmp_path, store, node)
     assert await engine.check() == ([], 0)
