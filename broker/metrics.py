@@ -13,10 +13,11 @@ it); a failure to write is logged and never stops the broker.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, write_to_textfile
+from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from . import log
 
@@ -47,6 +48,9 @@ def registry_for(status: Mapping[str, Any], restarts: Mapping[str, int]) -> Coll
     probe_error = Gauge(f"{PREFIX}_probe_error",
                         "1 when a probe address could not be asked what it serves for an MD",
                         ["md", "probe"], registry=reg)
+    served_behind = Gauge(f"{PREFIX}_served_behind",
+                          "1 when a probe address serves an older certificate for an MD than the one "
+                          "active in the (shared) store", ["md"], registry=reg)
     pending = Gauge(f"{PREFIX}_pending", "1 while a restart is scheduled and not yet carried out",
                     registry=reg)
     planned = Gauge(f"{PREFIX}_planned_timestamp_seconds",
@@ -55,7 +59,7 @@ def registry_for(status: Mapping[str, Any], restarts: Mapping[str, int]) -> Coll
                  "When the last restart was issued (0: never)", registry=reg)
     last_ok = Gauge(f"{PREFIX}_last_restart_success",
                     "1 when the last restart activated and served every set it was for", registry=reg)
-    total = Counter(f"{PREFIX}_restarts", "Restarts carried out, by result", ["result"], registry=reg)
+    reg.register(_RestartCounts(restarts))
 
     for md in status.get("mds") or []:
         name = md["name"]
@@ -72,6 +76,8 @@ def registry_for(status: Mapping[str, Any], restarts: Mapping[str, int]) -> Coll
             if staged.get("valid") and since is not None:
                 staged_since.labels(name).set(since)
             failed_before.labels(name).set(1 if md.get("failed_before") else 0)
+        if md.get("active") is not None:
+            served_behind.labels(name).set(1 if md.get("served_behind") else 0)
         for entry in md.get("served") or []:
             probe_error.labels(name, entry["probe"]).set(1 if entry.get("error") else 0)
             when = _seconds(entry.get("not_after_usec"))
@@ -81,9 +87,24 @@ def registry_for(status: Mapping[str, Any], restarts: Mapping[str, int]) -> Coll
     planned.set(_seconds(status.get("planned_at_usec")) or 0)
     last.set(_seconds(status.get("last_restart_usec")) or 0)
     last_ok.set(1 if status.get("last_result") == "ok" else 0)
-    for result in ("ok", "failed"):
-        total.labels(result).inc(max(0, int(restarts.get(result, 0))))
     return reg
+
+
+class _RestartCounts:
+    """`..._restarts_total` from the broker's own counts (kept in its state across restarts).
+
+    A collector rather than a Counter: a Counter made for each write would also expose
+    `..._restarts_created` with the time of that write, which is not when counting began.
+    """
+
+    def __init__(self, counts: Mapping[str, int]) -> None:
+        self.counts = {result: max(0, int(counts.get(result, 0))) for result in ("ok", "failed")}
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(f"{PREFIX}_restarts", "Restarts carried out, by result", labels=["result"])
+        for result, count in self.counts.items():
+            family.add_metric([result], count)
+        yield family
 
 
 def write(path: str, status: Mapping[str, Any], restarts: Mapping[str, int]) -> bool:

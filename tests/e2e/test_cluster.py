@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from client import admin, monitor
 from harness import CertInfo, Stack
@@ -111,8 +112,17 @@ def old_server(www_tmp: Path) -> Iterator[OldCertificateServer]:
         yield server
 
 
+def metric(path: Path, name: str, **labels: str) -> float | None:
+    """A sample of b's metrics file, read with the Prometheus library's own parser."""
+    for family in text_string_to_metric_families(path.read_text()):
+        for sample in family.samples:
+            if sample.name == f"apache_restart_broker_{name}" and sample.labels == labels:
+                return float(sample.value)
+    return None
+
+
 def test_the_other_node_serves_what_the_renewing_node_activated(
-        start_stack: Callable[..., Stack], old_server: OldCertificateServer,
+        start_stack: Callable[..., Stack], old_server: OldCertificateServer, www_tmp: Path,
         record_property: Callable[[str, object], None]) -> None:
     stack = start_stack(domains=[[MD]], validity_seconds=VALIDITY, renew_window=RENEW_WINDOW,
                         with_broker=True, renew_mode="auto", store_locks="on")
@@ -123,7 +133,9 @@ def test_the_other_node_serves_what_the_renewing_node_activated(
                             "node a to serve its first certificate")
 
     # Node b joins the cluster: it comes up on the store's current set.
-    b: Node = add_node(stack, "b", broker_options=BrokerOptions(verify_timeout_seconds=10.0))
+    b_metrics = www_tmp / "b-metrics.prom"
+    b: Node = add_node(stack, "b", broker_options=BrokerOptions(
+        verify_timeout_seconds=10.0, extra={"metrics_file": str(b_metrics)}))
     wait_serving(b.apache, lambda c: c.serial == first.serial, 10, "node b to serve the first certificate")
     # Node c's probe address is a server that no restart of c changes.
     c: Node = add_node(stack, "c", broker_options=BrokerOptions(
@@ -145,6 +157,11 @@ def test_the_other_node_serves_what_the_renewing_node_activated(
     assert entry["active"]["certs"][0]["serial"] == format(second.serial, "x")
     assert [(s["probe"], s["serial"]) for s in entry["served"]] == [(b.https_address, format(first.serial, "x"))]
     assert entry["served_behind"] is True and entry["served_behind_failed"] is False
+    # GetStatus rewrote b's metrics file: what b serves, and that it is behind.
+    assert metric(b_metrics, "served_behind", md=MD) == 1
+    assert metric(b_metrics, "cert_not_after_timestamp_seconds", md=MD, key_type="rsa", where="served",
+                  probe=b.https_address) == first.not_after.timestamp()
+    print("b's metrics file while behind:\n" + b_metrics.read_text())
     assert b.broker.gracefuls() == []
     # What an admin on b sees (apache-restart status; the check plugin), printed for the record.
     print("\nb behind the store, apache-restart status:\n" + admin.render_status(status, {}))
@@ -171,6 +188,8 @@ def test_the_other_node_serves_what_the_renewing_node_activated(
     assert len(b.broker.gracefuls()) == 1
     (entry,) = b_watch.get_status()["mds"]
     assert entry["served"][0]["serial"] == format(second.serial, "x") and entry["served_behind"] is False
+    assert metric(b_metrics, "served_behind", md=MD) == 0
+    assert metric(b_metrics, "restarts_total", result="ok") == 1
 
     # c: its probe keeps showing an older certificate; one restart, then never again for it.
     scheduled, _ = c_watch.check_all()

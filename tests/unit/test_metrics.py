@@ -72,16 +72,31 @@ async def test_every_event_and_check_rewrites_the_file(tmp_path):
     got = samples(path)
     assert got[(prefix + "pending", ())] == 0
     assert got[(prefix + "restarts_total", (("result", "ok"),))] == 1
+    # No "_created" series: it would name the time of the write, not when counting began.
+    assert not any(k[0].endswith("_created") for k in got)
     assert got[(prefix + "last_restart_timestamp_seconds", ())] == clock.t
     assert got[(prefix + "last_restart_success", ())] == 1
     # After the restart the staged set is the active one, and the probe was asked again.
     assert cert("active") == staged.certs["rsa"].not_after
     assert cert("served", PROBE) == served_cert.not_after
+    assert got[(prefix + "served_behind", (("md", MD),))] == 0
     assert not any(k[0] == prefix + "staged_since_timestamp_seconds" for k in got)
 
     path.unlink()
     await engine.check()
     assert path.exists()  # a check writes it even when it schedules nothing
+
+
+def test_a_node_serving_behind_the_store_is_a_metric(tmp_path):
+    path = tmp_path / "m.prom"
+    status = {"mds": [{"name": MD, "active": {"certs": []}, "served_behind": True},
+                      {"name": "b.example.test", "active": {"certs": []}, "served_behind": False},
+                      {"name": "c.example.test", "active": None, "served_behind": False}]}
+    assert metrics.write(str(path), status, {})
+    got = samples(path)
+    assert got[("apache_restart_broker_served_behind", (("md", MD),))] == 1
+    assert got[("apache_restart_broker_served_behind", (("md", "b.example.test"),))] == 0
+    assert ("apache_restart_broker_served_behind", (("md", "c.example.test"),)) not in got
 
 
 def test_label_values_are_escaped_by_the_library(tmp_path):
