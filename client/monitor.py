@@ -9,7 +9,9 @@ What counts, per MD:
 - CRITICAL: the certificate clients get expires within `critical` days (or has expired). What
   a probe address serves is what clients get; without a usable probe answer, the active set in
   the store stands in for it. Also CRITICAL: a restart failed to activate the set that is still
-  staged (the broker will not try again on its own: a human must look).
+  staged (the broker will not try again on its own: a human must look), or the last restart
+  failed without being issued (config test) and a valid set still waits for it (the broker
+  retries, backing off, but only a fixed config lets it through).
 - WARNING: the same within `warning` days; a valid set waiting in staging longer than
   `pending_hours` (the hook's message and the check timer should have activated it long ago);
   a staged set that fails verification; a probe address that could not be asked.
@@ -94,6 +96,13 @@ def evaluate(status: Mapping[str, Any], now: float, warning_days: float = DEFAUL
         return unknown("the broker's status has no list of MDs")
     nearest: tuple[float, str] | None = None
     longest_wait = 0.0
+    # A restart held back (the config test failed, Apache was not running): the broker retries
+    # on its own, but each staged set it is for waits until a human fixes the cause.
+    last_result = str(status.get("last_result") or "")
+    retry = status.get("retry")
+    held_back = last_result.startswith("failed") and isinstance(retry, dict)
+    last_failure = last_result.removeprefix("failed: ")
+    retry = retry if isinstance(retry, dict) else {}
     for md in mds:
         name = str(md.get("name", "?"))
         certs = _expiring(md)
@@ -122,6 +131,9 @@ def evaluate(status: Mapping[str, Any], now: float, warning_days: float = DEFAUL
         if md.get("failed_before"):
             v.add(CRITICAL, f"{name}: a restart failed to activate the staged set "
                             "(apache-restart status; root may retry with apache-restart request)")
+        elif md.get("pending") and held_back:
+            v.add(CRITICAL, f"{name}: the last restart failed ({last_failure}) and the set is still staged; "
+                            f"the broker retries (retry {retry.get('attempts', '?')}); apache-restart status")
         since = _usec(staged.get("since_usec"))
         if since is not None:
             hours = max(0.0, (now - since) / 3600)

@@ -213,7 +213,8 @@ def admin_page() -> str:
                                "set fails verification; a probe address cannot be asked"),
         (str(monitor.CRITICAL), "CRITICAL: a certificate clients get (what a probe address serves, "
                                 "else the active one) expires within --critical days or has expired; "
-                                "a restart failed to activate the set that is still staged"),
+                                "a restart failed to activate the set that is still staged, or was held back (config "
+                                "test) while a valid set waits for it"),
         (str(monitor.UNKNOWN), "UNKNOWN: the broker cannot be asked"),
     ])
     lines += para("The monitoring group may run it where its bus policy is installed ("

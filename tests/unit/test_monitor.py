@@ -72,6 +72,20 @@ def test_a_failed_restart_for_a_set_still_staged_is_critical():
     assert v.state == monitor.CRITICAL and "a restart failed to activate the staged set" in v.line()
 
 
+def test_a_restart_held_back_for_a_set_still_staged_is_critical():
+    """The config test failed: no restart was issued, the broker retries on its own, but the
+    last restart failed and the renewed set is still staged: a human must fix the config."""
+    held = dict(md(staged=valid_staged(0.1)), pending=True)
+    status = {"mds": [held], "pending": True, "last_result": "failed: config test failed: AH00526: Syntax error",
+              "retry": {"attempts": 2, "at_usec": usec(NOW + 60), "reason": "config test failed: AH00526"}}
+    v = monitor.evaluate(status, NOW)
+    assert v.state == monitor.CRITICAL, v.line()
+    assert ("www.example.test: the last restart failed (config test failed: AH00526: Syntax error) and the set "
+            "is still staged; the broker retries (retry 2)") in v.line()
+    # The same set waiting for its restart after an ok one is no problem.
+    assert monitor.evaluate(dict(status, last_result="ok", retry=None), NOW).state == monitor.OK
+
+
 def test_a_set_waiting_too_long_is_a_warning():
     assert check(md(staged=valid_staged(2))).state == monitor.OK
     v = check(md(staged=valid_staged(30)))
