@@ -71,6 +71,7 @@ class Engine:
         self.refresh_pending: dict[str, str] = {}
         self.refresh_failed = RefreshMemory()
         self.last_served: dict[str, list[Served]] = {}
+        self._probe_task: asyncio.Future[dict[str, list[Served]]] | None = None
         self.restart_counts: dict[str, int] = {"ok": 0, "failed": 0}
         self.limiter = RateLimiter(cfg.rate_burst, cfg.rate_per_second)
         self.scheduler = Scheduler(cfg.settle_seconds, cfg.min_interval_seconds)
@@ -368,7 +369,20 @@ class Engine:
         return _usec(max(now, planned_at)) if planned_at is not None else self.planned_at_usec
 
     async def probe_served(self, mds: Sequence[str] | None = None) -> dict[str, list[Served]]:
-        """Ask every probe address what it serves for each managed MD (bounded in time)."""
+        """Ask every probe address what it serves for each managed MD (bounded in time).
+
+        A round for every MD that is already under way is joined, not repeated: the monitoring
+        group may call GetStatus as often as it likes, and each call must not cost a round of
+        TLS handshakes (nor may the check timer's and a monitor's calls double it).
+        """
+        if mds is not None:
+            return await self._probe_round(mds)
+        if self._probe_task is None or self._probe_task.done():
+            self._probe_task = asyncio.ensure_future(self._probe_round(None))
+        # shield: a caller that goes away (its D-Bus call timed out) leaves the round to the others.
+        return await asyncio.shield(self._probe_task)
+
+    async def _probe_round(self, mds: Sequence[str] | None) -> dict[str, list[Served]]:
         if not self.cfg.probe:
             self.last_served = {}
             return {}

@@ -292,3 +292,30 @@ async def test_root_retries_a_held_back_refresh_at_once(tmp_path, cluster):
     assert engine.scheduler.retry is None
     await engine.restart_now()
     assert node.restarts == 1 and node.serving.sha256 == active.sha256()
+
+
+async def test_concurrent_status_calls_share_one_probe_round(tmp_path, cluster):
+    """GetStatus is open to the monitoring group: many calls at once cost one round of probes."""
+    store, old, active = cluster
+    node = Node(store, old)
+    rounds = []
+    gate = asyncio.Event()
+
+    async def slow_probe(probes, names):
+        rounds.append(dict(names))
+        await gate.wait()
+        return await node.probe(probes, names)
+
+    engine = make_engine(tmp_path, store, node)
+    engine.prober = slow_probe
+    calls = [asyncio.ensure_future(engine.status_probed()) for _ in range(10)]
+    await asyncio.sleep(0.05)
+    calls[0].cancel()  # a caller that gives up does not cancel the round for the others
+    await asyncio.sleep(0)
+    gate.set()
+    results = await asyncio.gather(*calls[1:])
+    assert len(rounds) == 1
+    assert all(r["mds"][0]["served"][0]["serial"] == old.serial for r in results)
+    # A later call starts a new round.
+    await engine.status_probed()
+    assert len(rounds) == 2
