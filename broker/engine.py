@@ -368,16 +368,18 @@ class Engine:
         self._wakeup.set()
         return _usec(max(now, planned_at)) if planned_at is not None else self.planned_at_usec
 
-    async def probe_served(self, mds: Sequence[str] | None = None) -> dict[str, list[Served]]:
+    async def probe_served(self, mds: Sequence[str] | None = None, fresh: bool = True) -> dict[str, list[Served]]:
         """Ask every probe address what it serves for each managed MD (bounded in time).
 
-        A round for every MD that is already under way is joined, not repeated: the monitoring
-        group may call GetStatus as often as it likes, and each call must not cost a round of
-        TLS handshakes (nor may the check timer's and a monitor's calls double it).
+        Not `fresh` (GetStatus): a round for every MD that is already under way is joined, not
+        repeated: the monitoring group may call GetStatus as often as it likes, and each call
+        must not cost a round of TLS handshakes. What decides a restart (CheckAll, the look
+        after a restart) starts its own round: one begun before a restart would show what
+        Apache served before it.
         """
         if mds is not None:
             return await self._probe_round(mds)
-        if self._probe_task is None or self._probe_task.done():
+        if fresh or self._probe_task is None or self._probe_task.done():
             self._probe_task = asyncio.ensure_future(self._probe_round(None))
         # shield: a caller that goes away (its D-Bus call timed out) leaves the round to the others.
         return await asyncio.shield(self._probe_task)
@@ -402,7 +404,7 @@ class Engine:
 
     async def status_probed(self) -> dict[str, Any]:
         """GetStatus: `status` with what every probe address serves right now."""
-        await self.probe_served()
+        await self.probe_served(fresh=False)
         status = self.status()
         self._write_metrics(status)
         return status

@@ -319,3 +319,12 @@ async def test_concurrent_status_calls_share_one_probe_round(tmp_path, cluster):
     # A later call starts a new round.
     await engine.status_probed()
     assert len(rounds) == 2
+    # What decides a restart never reuses a round begun earlier (it may predate a restart).
+    gate.clear()
+    status_call = asyncio.ensure_future(engine.status_probed())
+    await asyncio.sleep(0.05)
+    check_call = asyncio.ensure_future(engine.check())
+    await asyncio.sleep(0.05)
+    assert len(rounds) == 4
+    gate.set()
+    await asyncio.gather(status_call, check_call)
