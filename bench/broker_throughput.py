@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from broker import dbuslib, names  # noqa: E402
 from broker.dbuslib import MessageType  # noqa: E402
-from tests import busutil, storefactory  # noqa: E402
+from harness import busutil, storefactory  # noqa: E402
 
 MD = "www.example.test"
 LIBS = ("dbus_next", "dbus_fast")

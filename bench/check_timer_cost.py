@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from broker import names  # noqa: E402
-from tests import busutil, storefactory  # noqa: E402
+from harness import busutil, storefactory  # noqa: E402
 
 RUNS_PER_DAY = 24 * 60 // 5
 IDLE_EXIT = 1.0
@@ -77,7 +77,7 @@ class TlsListener:
 
 
 def bus_config(directory: Path, service_dir: Path) -> Path:
-    template = (REPO / "tests" / "dbus" / "bus.conf.in").read_text()
+    template = (REPO / "harness" / "mockbus.conf.in").read_text()
     text = template.replace("@SOCKET@", str(directory / "bus.sock"))
     text = text.replace("</busconfig>", f"  <servicedir>{service_dir}</servicedir>\n</busconfig>")
     path = directory / "bus.conf"

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from broker import dbuslib, names  # noqa: E402
-from tests import busutil, storefactory  # noqa: E402
+from harness import busutil, storefactory  # noqa: E402
 
 MD = "www.example.test"
 

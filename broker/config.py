@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import shutil
@@ -65,7 +66,7 @@ class Key:
 
     def default_toml(self) -> str:
         """The default as it would be written in the TOML file."""
-        return _toml_value(self.default)
+        return toml_value(self.default)
 
 
 def _fmt(value: float | None) -> str:
@@ -74,14 +75,22 @@ def _fmt(value: float | None) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """`value` as a TOML literal: the one writer for the conffile, the manual, the installer
+    and the test harness. Floats keep every digit (a whole number is written without ".0");
+    strings are JSON strings (valid TOML basic strings) with DEL escaped too, which TOML
+    requires and JSON does not."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return _fmt(value) if not isinstance(value, float) or value != int(value) else f"{int(value)}"
-    if isinstance(value, tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+    if isinstance(value, (str, os.PathLike)):
+        return json.dumps(os.fspath(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML literal for {type(value).__name__}")
 
 
 def _key(kind: str, default: Any, doc: str, low: float | None = None, high: float | None = None,

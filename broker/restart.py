@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from . import log as _default_log
+from . import timefmt
 
 FIXED_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -191,15 +192,11 @@ def first_meaningful_line(output: str) -> str:
     return line if len(line) <= DETAIL_CAP else line[: DETAIL_CAP - 3] + "..."
 
 
-def _seconds(value: float) -> str:
-    return f"{value:g} s"
-
-
 def _log_result(log: _Log, what: str, argv: Sequence[str], result: CommandResult, timeout: float) -> None:
     if result.error:
         log.err(f"{what} ({argv[0] if argv else '-'}) could not run: {result.error}")
         return
-    status = f"timed out after {_seconds(timeout)}" if result.timed_out else f"exit {result.returncode}"
+    status = f"timed out after {timefmt.seconds(timeout)}" if result.timed_out else f"exit {result.returncode}"
     line = f"{what} ({' '.join(argv)}) {status}: {_fold(result.output)}"
     if result.returncode == 0:
         log.info(line)
@@ -219,7 +216,7 @@ async def config_test(argv: Sequence[str], timeout: float, log: _Log = _default_
     if result.error:
         return RestartOutcome(False, False, f"config test could not run: {result.error}")
     if result.timed_out:
-        return RestartOutcome(False, False, f"config test timed out after {_seconds(timeout)}")
+        return RestartOutcome(False, False, f"config test timed out after {timefmt.seconds(timeout)}")
     if result.returncode != 0:
         return RestartOutcome(False, False, f"config test failed: {first_meaningful_line(result.output)}")
     return None
@@ -305,7 +302,7 @@ class CommandRestarter:
             return RestartOutcome(False, False, f"graceful command could not run: {result.error}")
         # From here on the command ran: it may have signalled Apache whatever it reports.
         if result.timed_out:
-            return RestartOutcome(True, False, f"graceful command timed out after {_seconds(self.timeout)}")
+            return RestartOutcome(True, False, f"graceful command timed out after {timefmt.seconds(self.timeout)}")
         if result.returncode != 0:
             code = result.returncode
             how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit {code}"

@@ -18,3 +18,8 @@ def local_iso(t: float) -> str:
 def usec_iso(usec: int) -> str:
     """Microseconds since the epoch (the bus's unit) -> local ISO time; "never" for 0."""
     return local_iso(usec / 1e6) if usec else "never"
+
+
+def seconds(value: float) -> str:
+    """A duration from the configuration as the messages say it: `2.5 s`, `30 s`."""
+    return f"{value:g} s"

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from cryptography import x509
 
-from . import log
+from . import log, timefmt
 from .config import check_address
 from .errors import BrokerError
 from .staging import CertSet
@@ -86,10 +86,6 @@ def _serial_of(der: bytes) -> str:
         return "?"
 
 
-def _seconds(value: float) -> str:
-    return f"{value:g} s"
-
-
 def _describe_error(e: BaseException) -> str:
     if isinstance(e, TimeoutError):
         return "no answer in time"
@@ -131,7 +127,7 @@ async def verify_activation(
     def check_store(md: str, cset: CertSet) -> str | None:
         try:
             if store.staged_fingerprint(md) == cset.fingerprint:
-                return f"still staged after {_seconds(timeout)} (mod_md did not activate it)"
+                return f"still staged after {timefmt.seconds(timeout)} (mod_md did not activate it)"
             active = store.active(md)
         except BrokerError as e:
             return f"store check failed: {e.message}"

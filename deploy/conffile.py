@@ -77,7 +77,3 @@ def package_text() -> str:
          "idle_exit_seconds": "the broker is D-Bus activated, so it exits when idle "
                               "(nothing pending, nothing running) and costs nothing between "
                               "renewals."})
-
-
-def toml_string(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -48,6 +48,9 @@ class Layout:
     bin: str            # the hook and the admin command
     unit_dir: str
     code_dir: str       # local: the venv; debian: the private module directory
+    # The package installs the manual pages (dh_installman); the venv installer does not, and
+    # `systemd-analyze verify` fails a unit whose Documentation= names a page that is missing.
+    has_manual: bool = False
 
     @property
     def dropin_dir(self) -> str:
@@ -58,7 +61,8 @@ LOCAL = Layout("local", "/usr/local/sbin", "/usr/local/bin", "/usr/local/lib/sys
                "/opt/apache-restart-broker/venv")
 # Units in /lib: bookworm's systemd and lintian still expect them there (usr-merge moved
 # them only after bookworm).
-DEBIAN = Layout("debian", "/usr/sbin", "/usr/bin", "/lib/systemd/system", f"/usr/share/{PACKAGE}")
+DEBIAN = Layout("debian", "/usr/sbin", "/usr/bin", "/lib/systemd/system", f"/usr/share/{PACKAGE}",
+                has_manual=True)
 LAYOUTS = {layout.name: layout for layout in (LOCAL, DEBIAN)}
 
 # program -> (directory attribute of Layout, module whose main() it runs, manual section)
@@ -86,6 +90,8 @@ class DataFile:
     # the same for the monitoring group ({group})
     group_slot: tuple[str, str] | None = None
     mode: int = 0o644
+    # A unit's manual pages, as "name(section)": its Documentation= where the layout has them.
+    manual: tuple[str, ...] = ()
 
     def target_in(self, layout: Layout) -> str:
         return self.target.format(unit_dir=layout.unit_dir)
@@ -108,9 +114,12 @@ DATA_FILES = (
     DataFile("polkit/49-apache-restart-broker-monitor.rules",
              "/usr/share/polkit-1/rules.d/49-apache-restart-broker-monitor.rules",
              group_slot=('subject.isInGroup("nagios")', 'subject.isInGroup("{group}")')),
-    DataFile("systemd/apache-restart-broker.service", "{unit_dir}/" + BROKER_UNIT),
-    DataFile("systemd/apache-restart-broker-check.service", "{unit_dir}/" + CHECK_UNIT),
-    DataFile("systemd/apache-restart-broker-check.timer", "{unit_dir}/" + TIMER),
+    DataFile("systemd/apache-restart-broker.service", "{unit_dir}/" + BROKER_UNIT,
+             manual=("apache-restart-broker(8)", "apache-restart-broker.toml(5)")),
+    DataFile("systemd/apache-restart-broker-check.service", "{unit_dir}/" + CHECK_UNIT,
+             manual=("apache-restart(8)",)),
+    DataFile("systemd/apache-restart-broker-check.timer", "{unit_dir}/" + TIMER,
+             manual=("apache-restart(8)",)),
 )
 BUS_POLICY = DATA_FILES[0]
 # Installed live only in command mode (scripts/install); the package ships it as an example
@@ -148,6 +157,10 @@ def render(item: DataFile, text: str, layout: Layout, apache_user: str,
         text = _fill(item, text, item.group_slot, group=monitor_group)
         if monitor_enabled and MONITOR_BLOCK[0] in text:
             text = text.replace(MONITOR_BLOCK[0], " -->\n").replace(MONITOR_BLOCK[1], "")
+    if item.manual and layout.has_manual:
+        docs = "Documentation=" + " ".join(f"man:{page}" for page in item.manual)
+        text = re.sub(r"^(Description=.*\n)", lambda m: m.group(1) + docs + "\n", text, count=1,
+                      flags=re.M)
     if layout is not LOCAL:
         for program in PROGRAMS:
             text = _program_pattern(program_path(LOCAL, program)).sub(program_path(layout, program), text)

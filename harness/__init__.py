@@ -4,6 +4,9 @@ private system-like D-Bus and the real polkitd, on loopback, in one temporary di
 Runs as root on Debian 12 (packages: apache2, pebble, dbus, polkitd) and never touches the host's
 Apache, D-Bus or polkit configuration. ``running_stack`` is the entry point; the modules can be
 used alone (``Pebble``, ``Apache``, ``PrivateBus``, ``Polkitd``).
+
+The harness is shared by the tests, the benches and the demo, and ships with none of them: the
+built package holds only ``broker`` and ``client``, so it never reaches a server.
 """
 
 from .apache import Apache, ApacheSettings, md_name
@@ -11,9 +14,9 @@ from .bus import Polkitd, PrivateBus, check_authorization, name_has_owner
 from .certs import CertInfo, served_certificate
 from .node import Node, add_node
 from .pebble import Pebble
-from .procs import HarnessError, ManagedProcess, marked_pids
+from .procs import HarnessError, ManagedProcess, ProcessSpec, marked_pids
 from .recorder import HookCall, HookRecorder
-from .stack import ProcessSpec, Stack, StackOptions, project_files, running_stack
+from .stack import Stack, StackOptions, project_files, running_stack
 
 __all__ = [
     "Apache",

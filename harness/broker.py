@@ -32,16 +32,43 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from broker.names import BUS_NAME, INTERFACE, OBJECT_PATH
 
+from . import busutil
+from .apache import Apache
 from .bus import name_has_owner
-from .procs import HarnessError, make_dir, write_file
+from .procs import HarnessError, ManagedProcess, ProcessSpec, make_dir, write_file
 
 if TYPE_CHECKING:
     from .node import Node
-    from .stack import ProcessSpec, Stack
+
+
+class Stack(Protocol):
+    """What the broker harness uses of the stack that runs it (harness/stack.py's Stack, which
+    builds it): a protocol, so that stack.py imports this module and this one not stack.py."""
+
+    root: Path
+    apache: Apache | None
+    processes: dict[str, ManagedProcess]
+
+    @property
+    def bus_address(self) -> str: ...
+
+    @property
+    def https_address(self) -> str: ...
+
+    @property
+    def log_dir(self) -> Path: ...
+
+    def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]: ...
+
+    def on_stop(self, fn: Callable[[], object]) -> None: ...
+
+    def start_process(self, name: str) -> None: ...
+
+    def stop_process(self, name: str) -> None: ...
 
 HOOK_PROGRAM = "apache-restart-hook"
 APACHE_USER = "www-data"
@@ -76,24 +103,6 @@ class BrokerOptions:
 def hook_program() -> Path:
     """The installed hook beside the running interpreter (a venv's bin folder)."""
     return Path(sys.executable).parent / HOOK_PROGRAM
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (str, Path)):
-        return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML for {value!r}")
-
-
-def render_toml(values: Mapping[str, Any]) -> str:
-    lines = ["# Written by the apache-restart-broker test harness."]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
-    return "\n".join(lines) + "\n"
 
 
 def _check_hook_runs_as_apache_user(hook: Path, env: Mapping[str, str]) -> None:
@@ -202,7 +211,8 @@ class BrokerHarness:
             write_file(self.graceful_log, "")
             script = GRACEFUL_COUNTER.format(log=shlex.quote(str(self.graceful_log)))
             write_file(self.graceful_script, script, mode=0o755)
-        return write_file(self.config_path, render_toml(self.config_values()))
+        header = "# Written by the apache-restart-broker test harness."
+        return write_file(self.config_path, busutil.config_text(self.config_values(), header))
 
     # -- the process ---------------------------------------------------------------------------
 
@@ -235,9 +245,7 @@ class BrokerHarness:
     def ready(self, stack: Stack) -> bool:
         return name_has_owner(self.bus_address, BUS_NAME)
 
-    def spec(self) -> ProcessSpec:
-        from .stack import ProcessSpec
-
+    def spec(self) -> ProcessSpec[Stack]:
         return ProcessSpec(
             self.name,
             self.argv,
@@ -329,13 +337,6 @@ class BusEvent:
         return self.values.get("ok") if self.member == "RestartFinished" else None
 
 
-def _plain(value: Any) -> Any:
-    inner = getattr(value, "value", value)
-    if isinstance(inner, list):
-        return [_plain(v) for v in inner]
-    return inner
-
-
 class BusWatcher:
     """A root connection to the stack's bus in its own thread: records the broker's signals."""
 
@@ -387,6 +388,7 @@ class BusWatcher:
                 "AddMatch",
                 "s",
                 [f"type='signal',path='{OBJECT_PATH}'"],
+                10.0,
                 destination="org.freedesktop.DBus",
                 path="/org/freedesktop/DBus",
                 interface="org.freedesktop.DBus",
@@ -408,7 +410,7 @@ class BusWatcher:
             return False
         now = time.time()
         if msg.member == "PropertiesChanged" and msg.body and msg.body[0] == INTERFACE:
-            event = BusEvent(now, "PropertiesChanged", {k: _plain(v) for k, v in msg.body[1].items()})
+            event = BusEvent(now, "PropertiesChanged", {k: busutil.plain(v) for k, v in msg.body[1].items()})
         elif msg.member == "RestartFinished" and len(msg.body) == 3:
             ok, detail, names = msg.body
             event = BusEvent(now, "RestartFinished", {"ok": bool(ok), "detail": detail, "names": list(names)})
@@ -424,43 +426,26 @@ class BusWatcher:
                 pass
         return False
 
-    async def _call(
-        self,
-        member: str,
-        signature: str = "",
-        body: Sequence[Any] = (),
-        *,
-        destination: str = BUS_NAME,
-        path: str = OBJECT_PATH,
-        interface: str = INTERFACE,
-    ) -> list[Any]:
-        from broker.dbuslib import Message, MessageType
-
-        msg = Message(
-            destination=destination,
-            path=path,
-            interface=interface,
-            member=member,
-            signature=signature,
-            body=list(body),
-        )
-        reply = await self._bus.call(msg)
-        if reply.message_type == MessageType.ERROR:
-            text = reply.body[0] if reply.body else ""
-            raise BusCallError(reply.error_name, str(text))
-        return [_plain(v) for v in reply.body]
+    async def _call(self, member: str, signature: str, body: Sequence[Any], timeout: float,
+                    **where: str) -> list[Any]:
+        reply = await busutil.call(self._bus, member, signature, list(body), timeout=timeout, **where)
+        error = busutil.error_of(reply)
+        if error:
+            raise BusCallError(*error)
+        return [busutil.plain(v) for v in reply.body]
 
     def call(self, member: str, signature: str = "", body: Sequence[Any] = (), *, timeout: float = 15.0,
              **where: str) -> list[Any]:
         """A method call on the broker (as root); BusCallError for an error reply."""
         if self._loop is None:
             raise HarnessError("the bus watcher is not running")
-        future = asyncio.run_coroutine_threadsafe(self._call(member, signature, body, **where), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._call(member, signature, body, timeout, **where),
+                                                  self._loop)
         return future.result(timeout)
 
     def properties(self) -> dict[str, Any]:
         (props,) = self.call("GetAll", "s", [INTERFACE], interface="org.freedesktop.DBus.Properties")
-        return {k: _plain(v) for k, v in props.items()}
+        return {k: busutil.plain(v) for k, v in props.items()}
 
     def get_status(self) -> dict[str, Any]:
         (text,) = self.call("GetStatus")

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import ipaddress
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from . import storefactory
 from .procs import write_file
 
 
@@ -91,72 +91,19 @@ class TLSFiles:
 
 
 def make_server_tls(directory: Path, hostname: str = "localhost") -> TLSFiles:
-    """Create a CA and a certificate for ``hostname`` (and 127.0.0.1), valid for a day.
+    """A CA and a certificate for ``hostname`` and 127.0.0.1 signed by it, valid for a day, made
+    by the same builders as the tests' certificate sets (harness/storefactory.py).
 
     EC P-256 keys: generated in microseconds, and both Go (pebble) and OpenSSL (mod_md's curl) take them.
     """
-    now = datetime.datetime.now(datetime.UTC)
-    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "apache-restart-broker test CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
+    ca = storefactory.make_ca("apache-restart-broker test CA")
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName(hostname), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-
+    now = time.time()
+    leaf = storefactory.issue([hostname, "127.0.0.1"], "secp256r1", ca=ca, key=key,
+                              not_before=now - 300, not_after=now + 86400, common_name=hostname)
     pem = serialization.Encoding.PEM
     files = TLSFiles(ca_cert=directory / "ca.pem", cert=directory / "cert.pem", key=directory / "key.pem")
-    write_file(files.ca_cert, ca_cert.public_bytes(pem))
-    write_file(files.cert, cert.public_bytes(pem))
-    write_file(
-        files.key,
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-        mode=0o600,
-    )
+    write_file(files.ca_cert, ca.pem)
+    write_file(files.cert, leaf.cert.public_bytes(pem))
+    write_file(files.key, storefactory.key_pem(key), mode=0o600)
     return files

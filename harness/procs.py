@@ -16,7 +16,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TypeVar, Self
+from dataclasses import dataclass, field
+from typing import Generic, Self, TypeVar
+
+Host = TypeVar("Host")
 
 MARKER_ENV = "ARB_HARNESS_RUN"
 
@@ -165,6 +168,28 @@ def tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+@dataclass
+class ProcessSpec(Generic[Host]):
+    """A process the stack starts, stops in reverse order, and can restart (``stack.processes``).
+
+    ``Host`` is the stack that runs it (harness/stack.py's Stack). ``argv`` and ``env`` may be
+    functions of it, called once the bus, polkitd and Apache's
+    config exist. ``prepare`` runs just before the first start (e.g. to write a config file into
+    ``stack.root``); ``ready`` is polled after each start until it returns True.
+    The environment always starts from the harness's fixed one (PATH, LANG=C, the run marker).
+    """
+
+    name: str
+    argv: Sequence[str] | Callable[[Host], Sequence[str]]
+    env: Mapping[str, str] | Callable[[Host], Mapping[str, str]] = field(default_factory=dict)
+    prepare: Callable[[Host], None] | None = None
+    ready: Callable[[Host], bool] | None = None
+    ready_timeout: float = 10.0
+    stop_timeout: float = 5.0
+    after_apache: bool = False
+
 
 
 class ManagedProcess:

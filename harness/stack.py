@@ -28,14 +28,16 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .apache import Apache, ApacheSettings
+from .broker import BrokerHarness, BrokerOptions
 from .bus import Polkitd, PrivateBus
 from .pebble import Pebble
 from .procs import (
+    ProcessSpec,
     HarnessError,
     ManagedProcess,
     free_ports,
@@ -52,26 +54,6 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 def project_files(pattern: str) -> list[Path]:
     """The project's deployment files matching ``pattern`` (e.g. "polkit/*.rules"), sorted."""
     return sorted(PROJECT_ROOT.glob(pattern))
-
-
-@dataclass
-class ProcessSpec:
-    """A process the stack starts, stops in reverse order, and can restart (``stack.processes``).
-
-    ``argv`` and ``env`` may be functions of the Stack, called once the bus, polkitd and Apache's
-    config exist. ``prepare`` runs just before the first start (e.g. to write a config file into
-    ``stack.root``); ``ready`` is polled after each start until it returns True.
-    The environment always starts from the harness's fixed one (PATH, LANG=C, the run marker).
-    """
-
-    name: str
-    argv: Sequence[str] | Callable[[Stack], Sequence[str]]
-    env: Mapping[str, str] | Callable[[Stack], Mapping[str, str]] = field(default_factory=dict)
-    prepare: Callable[[Stack], None] | None = None
-    ready: Callable[[Stack], bool] | None = None
-    ready_timeout: float = 10.0
-    stop_timeout: float = 5.0
-    after_apache: bool = False
 
 
 @dataclass
@@ -92,11 +74,11 @@ class StackOptions:
     apache_log_level: str = "warn md:info"
     apache_extra_config: str = ""
     start_apache: bool = True
-    processes: Sequence[ProcessSpec] = ()
+    processes: Sequence[ProcessSpec[Stack]] = ()
     # The real broker on the bus (started before Apache) and, unless message_cmd is given, the
     # real hook as MDMessageCmd; see harness/broker.py. broker_options: a BrokerOptions.
     with_broker: bool = False
-    broker_options: Any = None
+    broker_options: BrokerOptions | None = None
     base_dir: Path | None = None  # where the run's directory is made (default: the system's temp dir)
     keep: bool = False  # keep the run's directory (logs, store) after the stack stopped
 
@@ -113,9 +95,9 @@ class Stack:
         self.bus: PrivateBus | None = None
         self.polkit: Polkitd | None = None
         self.apache: Apache | None = None
-        self.broker: Any = None  # a harness.broker.BrokerHarness with with_broker
+        self.broker: BrokerHarness | None = None  # with with_broker
         self.processes: dict[str, ManagedProcess] = {}
-        self.specs: dict[str, ProcessSpec] = {}
+        self.specs: dict[str, ProcessSpec[Stack]] = {}
         self.leftovers: list[int] = []
         self._cleanup: ExitStack | None = None
 
@@ -169,7 +151,7 @@ class Stack:
 
     # -- extra processes -----------------------------------------------------------------------
 
-    def add_process(self, spec: ProcessSpec) -> ManagedProcess:
+    def add_process(self, spec: ProcessSpec[Stack]) -> ManagedProcess:
         """Prepare and start ``spec`` now; it is stopped with the stack (before what started earlier)."""
         if self._cleanup is None:
             raise HarnessError("the stack is not running")
@@ -250,8 +232,6 @@ class Stack:
         if o.with_broker:
             if self.bus is None or self.polkit is None:
                 raise HarnessError("the broker needs the bus and polkitd (with_bus, with_polkit)")
-            from .broker import BrokerHarness
-
             self.broker = BrokerHarness(self, o.broker_options)
             specs.insert(0, self.broker.spec())
         message_cmd = o.message_cmd(self) if callable(o.message_cmd) else o.message_cmd

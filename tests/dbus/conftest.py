@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from broker import dbuslib, names
-from tests import busutil
+from harness import busutil
 
 HERE = Path(__file__).resolve().parent
 
@@ -55,18 +55,7 @@ class Mock:
     async def calls(self, bus, method: str) -> list:
         """Arguments of each call of `method` the mock received (python-dbusmock's GetMethodCalls)."""
         (calls,) = await self.control(bus, "GetMethodCalls", "s", [method])
-        return [_plain(args) for _ts, args in calls]
-
-
-def _plain(value):
-    """GetMethodCalls answers in variants; tests compare plain values."""
-    if hasattr(value, "signature") and hasattr(value, "value"):
-        return _plain(value.value)
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
+        return [busutil.plain(args) for _ts, args in calls]
 
 
 async def start_mock(bus_address, template: str, bus_name: str, path: str,
@@ -120,7 +109,7 @@ class Broker:
 
 @pytest.fixture
 def store(tmp_path):
-    from tests import storefactory
+    from harness import storefactory
     return Path(storefactory.make_store(tmp_path))
 
 

@@ -12,8 +12,9 @@ import pytest
 
 import broker
 from broker import names
-from tests import busutil, storefactory, tiers
-from tests.busutil import get_property
+from harness import busutil, storefactory
+from tests import tiers
+from harness.busutil import get_property
 
 VENV_BIN = Path(sys.executable).parent
 ADMIN_SCRIPT = VENV_BIN / "apache-restart"

@@ -6,8 +6,8 @@ from broker import dbuslib, names
 from broker.authz import Caller
 from broker.errors import AccessDenied
 from broker.service import ApacheRestartService
-from tests import busutil
-from tests.busutil import call, error_of
+from harness import busutil
+from harness.busutil import call, error_of
 
 
 class ExplodingEngine:

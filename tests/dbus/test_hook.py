@@ -21,8 +21,8 @@ import pytest
 
 from broker import dbuslib, names
 from broker.dbuslib import Message, MessageType
-from tests import busutil, storefactory
-from tests.busutil import get_property
+from harness import busutil, storefactory
+from harness.busutil import get_property
 
 MD = "www.example.test"
 VENV_BIN = Path(sys.executable).parent

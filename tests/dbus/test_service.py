@@ -8,8 +8,8 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from broker import names
-from tests import busutil, storefactory
-from tests.busutil import call, error_of, get_property
+from harness import busutil, storefactory
+from harness.busutil import call, error_of, get_property
 
 REPO = busutil.REPO
 MD = "www.example.test"

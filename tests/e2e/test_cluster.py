@@ -28,7 +28,7 @@ from harness import CertInfo, Stack
 from harness.broker import BrokerOptions, BusWatcher
 from harness.node import Node, add_node
 from harness.procs import wait_for
-from tests import storefactory
+from harness import storefactory
 
 pytestmark = pytest.mark.e2e
 

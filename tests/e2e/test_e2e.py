@@ -28,7 +28,7 @@ import pytest
 from harness import CertInfo, Stack, marked_pids, running_stack
 from harness.broker import BusWatcher, hook_lines
 from harness.procs import wait_for
-from tests import storefactory
+from harness import storefactory
 
 pytestmark = pytest.mark.e2e
 

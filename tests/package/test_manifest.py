@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.machinery
 import importlib.util
+import re
 import subprocess
 import sys
 import tomllib
@@ -55,6 +56,8 @@ def test_both_installers_ship_every_file_of_the_manifest(tmp_path: Path) -> None
         for program in manifest.PROGRAMS:
             a = a.replace(manifest.program_path(manifest.LOCAL, program),
                           manifest.program_path(manifest.DEBIAN, program))
+        # The one other difference: the package's units name its manual pages.
+        b = re.sub(r"^Documentation=man:.*\n", "", b, flags=re.M)
         assert a == b, item.source
     for layout, root in ((manifest.LOCAL, local), (manifest.DEBIAN, debian)):
         snippet = (root / manifest.APACHE_CONF.lstrip("/")).read_text()
@@ -123,3 +126,18 @@ def test_the_package_ships_the_monitoring_policy_as_a_file_of_its_own(tmp_path: 
              / manifest.BUS_POLICY.target_in(manifest.LOCAL).lstrip("/")).read_text()
     assert "MONITOR-GROUP" not in local and '<policy group="icinga">' in local
     assert manifest.monitor_policy(policy, "icinga").count('<policy group="icinga">') == 1
+
+
+@pytest.mark.parametrize("unit", [f for f in manifest.DATA_FILES if f.source.startswith("systemd/")],
+                         ids=lambda f: f.source)
+def test_units_name_their_manual_pages_where_the_layout_installs_them(unit) -> None:
+    """`systemctl help UNIT` shows Documentation=; `systemd-analyze verify` fails a unit that
+    names a page which is not there. So the package's units name pages it ships, and the venv
+    installer's units (no manual pages) name none."""
+    text = (REPO / unit.source).read_text()
+    assert "Documentation=" not in manifest.render(unit, text, manifest.LOCAL, "www-data")
+    debian = manifest.render(unit, text, manifest.DEBIAN, "www-data")
+    pages = re.findall(r"^Documentation=.*", debian, flags=re.M)
+    assert len(pages) == 1, debian
+    named = re.findall(r"man:([\w.-]+)\((\d)\)", pages[0])
+    assert named and all(manifest.manual_pages().get(name) == int(sec) for name, sec in named), pages

@@ -29,7 +29,8 @@ import pytest
 from broker import names
 from harness.bus import POLKIT_BUS_POLICY, POLKITD, Polkitd, PrivateBus
 from harness.procs import BASE_ENV, ManagedProcess, harness_env, make_dir, tail, wait_for
-from tests import busutil, storefactory, tiers
+from harness import busutil, storefactory
+from tests import tiers
 
 REPO = Path(__file__).resolve().parent.parent.parent
 SHIPPED_BUS_POLICY = REPO / "dbus" / f"{names.BUS_NAME}.conf"

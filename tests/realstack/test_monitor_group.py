@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from broker import names
-from tests import storefactory
+from harness import storefactory
 from tests.realstack.stack import RealStack
 from tests.realstack.test_realstack import PERMISSIVE_POLICY, assert_bus_refused
 

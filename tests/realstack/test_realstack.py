@@ -29,10 +29,10 @@ import pytest
 
 import broker
 from broker import names
-from tests import busutil
+from harness import busutil
 from tests.realstack.stack import REPO
 from harness.procs import wait_for
-from tests import storefactory
+from harness import storefactory
 from tests.realstack.stack import (
     APACHE_USER,
     OTHER_USER,

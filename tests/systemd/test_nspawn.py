@@ -28,7 +28,7 @@ import pytest
 from broker import names
 from harness import nspawn
 from harness.procs import wait_for
-from tests import storefactory
+from harness import storefactory
 from tests.systemd.conftest import note, note_result
 from tests.systemd.steps import count_in, is_active, prop, served_sha256, unit_prop
 

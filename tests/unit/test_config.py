@@ -149,3 +149,27 @@ def test_readme_table_matches_the_keys():
         default, rng = rows[name]
         assert default == f"`{key.default_toml()}`", name
         assert rng == key.range_text(), name
+
+
+# -- the one TOML writer (conffile, manual, installer, test harness) -------------------------------
+
+@pytest.mark.parametrize("value", [
+    True, False, 0, -3, 2.0, 0.1, 1e-7, 1e300, 123456.789012345,
+    "", 'quote " and backslash \\', "newline\n tab\t nul\x00 del\x7f esc\x1b", "non-ASCII é 😀",
+    ["a", "b"], (1, 2.5), [],
+])
+def test_toml_value_reads_back_as_written(value):
+    import tomllib
+    read = tomllib.loads(f"k = {config.toml_value(value)}")["k"]
+    assert read == (list(value) if isinstance(value, tuple) else value)
+
+
+def test_toml_value_of_every_default_loads_back_as_the_defaults(tmp_path):
+    path = tmp_path / "broker.toml"
+    path.write_text("".join(f"{name} = {key.default_toml()}\n" for name, key in KEYS.items()))
+    assert load(str(path)) == from_mapping({})
+
+
+def test_toml_value_refuses_what_toml_cannot_hold():
+    with pytest.raises(TypeError):
+        config.toml_value({"a": 1})

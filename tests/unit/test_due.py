@@ -6,7 +6,7 @@ import pytest
 
 from broker.due import others_due, renew_window_seconds, renewal_due_at
 from broker.staging import Store
-from tests import storefactory
+from harness import storefactory
 
 DAY = 86400.0
 

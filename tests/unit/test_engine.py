@@ -11,7 +11,7 @@ from broker.errors import AlreadyFailed, NothingStaged, RateLimited, StagingInva
 from broker.restart import RestartOutcome
 from broker.staging import Store
 from broker.state import StateFile
-from tests import storefactory
+from harness import storefactory
 
 MD = "www.example.test"
 

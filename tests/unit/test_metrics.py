@@ -14,7 +14,7 @@ from broker.served import Served
 from broker.staging import Store
 from broker.state import StateFile
 from broker.verify import Verdict
-from tests import storefactory
+from harness import storefactory
 from tests.unit.test_engine import Clock, FakeApache
 
 MD = "www.example.test"

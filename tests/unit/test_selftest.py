@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from broker import selftest
 from broker.staging import Store
-from tests import storefactory
+from harness import storefactory
 
 MD = "www.example.test"
 FAILING_CONFIGTEST = (sys.executable, "-c",

@@ -21,7 +21,7 @@ from broker.restart import RestartOutcome
 from broker.served import RefreshMemory, Served, behind, describe, probe_all
 from broker.staging import Store
 from broker.state import StateFile
-from tests import storefactory
+from harness import storefactory
 
 MD = "www.example.test"
 PROBE = "127.0.0.1:8443"

@@ -1,4 +1,4 @@
-"""broker.staging against fake mod_md stores with real certificates (tests/storefactory.py)."""
+"""broker.staging against fake mod_md stores with real certificates (harness/storefactory.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from broker.staging import (
     name_covered,
     validate_md_name,
 )
-from tests import storefactory as sf
+from harness import storefactory as sf
 
 MD = "example.org"
 DAY = 86400.0

@@ -1,7 +1,7 @@
 """Property-based tests of broker.staging against hostile stores (hypothesis).
 
 `staging/` is written by www-data. Each example starts from a valid store built by
-tests/storefactory.py, lets hypothesis damage it (file contents, symlinks, FIFOs, sockets,
+harness/storefactory.py, lets hypothesis damage it (file contents, symlinks, FIFOs, sockets,
 directories, huge files, junk) and checks what the readers of broker.staging promise:
 
 * only the documented exception types, and no hang (a SIGALRM guard per call);
@@ -43,7 +43,7 @@ from hypothesis import strategies as st
 
 from broker.errors import InvalidName, NothingStaged, StagingInvalid
 from broker.staging import MAX_JSON_BYTES, MAX_NAME_LEN, MAX_PEM_BYTES, CertSet, Store, validate_md_name
-from tests import storefactory as sf
+from harness import storefactory as sf
 
 MD = "example.org"
 NAMES = (MD, "www.example.org")

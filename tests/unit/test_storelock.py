@@ -18,7 +18,7 @@ from broker.config import from_mapping
 from broker.engine import Engine
 from broker.staging import Store
 from broker.state import StateFile
-from tests import storefactory
+from harness import storefactory
 from tests.unit.test_engine import Clock, FakeApache
 
 MD = "www.example.test"

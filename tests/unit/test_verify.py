@@ -16,7 +16,7 @@ import pytest
 
 from broker.staging import Store
 from broker.verify import parse_address, served_certificate, verify_activation
-from tests import storefactory as sf
+from harness import storefactory as sf
 
 MD = "example.org"
 NAMES = ["example.org", "www.example.org"]

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from broker import dbuslib, names
+from broker import config, dbuslib, names
 from broker.dbuslib import Message, MessageType
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,9 +26,9 @@ def start_dbus_daemon(config_file: Path) -> tuple[subprocess.Popen, str]:
 
 
 def start_test_bus(config_dir: Path, socket_dir: Path | None = None) -> tuple[subprocess.Popen, str]:
-    """The mock tier's permissive private bus (tests/dbus/bus.conf.in); its config goes to
+    """The mock tier's permissive private bus (harness/mockbus.conf.in); its config goes to
     `config_dir`, its socket to `socket_dir` (default: the same folder)."""
-    template = (REPO / "tests" / "dbus" / "bus.conf.in").read_text()
+    template = (REPO / "harness" / "mockbus.conf.in").read_text()
     conf = config_dir / "bus.conf"
     conf.write_text(template.replace("@SOCKET@", str((socket_dir or config_dir) / "bus.sock")))
     return start_dbus_daemon(conf)
@@ -143,9 +143,9 @@ def broker_env(extra: dict | None = None) -> dict:
 
 def fake_apache_config(store: Path, control: Path, pid_file: Path, state_dir: Path,
                        overrides: dict | None = None) -> dict:
-    """A broker config that restarts the stand-in apachectl (tests/dbus/fake_apache.py)
+    """A broker config that restarts the stand-in apachectl (harness/fake_apache.py)
     against `store`; `overrides` add or replace any key."""
-    fake = [sys.executable, str(REPO / "tests" / "dbus" / "fake_apache.py")]
+    fake = [sys.executable, str(REPO / "harness" / "fake_apache.py")]
     return {
         "md_store": str(store),
         "restart_via": "command",
@@ -160,18 +160,25 @@ def fake_apache_config(store: Path, control: Path, pid_file: Path, state_dir: Pa
     }
 
 
-def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    raise TypeError(v)
+def config_text(values: dict, header: str = "") -> str:
+    """A broker configuration file with these keys (broker.config writes each value)."""
+    lines = [header] if header else []
+    lines += [f"{key} = {config.toml_value(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
 
 
 def write_config(path: Path, values: dict) -> Path:
-    path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()))
+    path.write_text(config_text(values))
     return path
+
+
+def plain(value):
+    """A value as the D-Bus library gave it (Variants inside lists and dicts, as python-dbusmock's
+    GetMethodCalls and the broker's properties arrive) as plain Python values, for comparing."""
+    if hasattr(value, "signature") and hasattr(value, "value"):
+        return plain(value.value)
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
