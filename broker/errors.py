@@ -2,14 +2,18 @@
 
 Each error carries a `code` that the D-Bus layer maps to a bus error name
 (broker.names.error_name) and a short message meant for the caller: no paths of the
-broker, no tracebacks.
+broker, no tracebacks. The message may quote what www-data wrote (an MD's names, a parse
+error), so it is escaped and bounded once, here, for every exit it may reach.
 """
+
+from .text import safe
 
 
 class BrokerError(Exception):
     code = "Internal"
 
     def __init__(self, message: str):
+        message = safe(message)
         super().__init__(message)
         self.message = message
 

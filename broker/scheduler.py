@@ -27,10 +27,13 @@ the size of the jump, so times in the future relative to `now` are pulled back t
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import errors
+from .staging import validate_md_name
+from .text import is_safe, safe
 
 STATE_VERSION = 2
 # Version 1 had no `retry`; it is read as "no retry scheduled".
@@ -50,7 +53,14 @@ WAIT_SETTLE, WAIT_INTERVAL, WAIT_RETRY = "settle", "min_interval", "retry"
 
 # www-data decides which MD names get staged; keep what an endless stream of failing sets can
 # make us remember bounded. Forgetting the oldest only allows one more restart for it.
-MAX_FAILED = 4096
+# The bounds keep the whole state file (state.MAX_SIZE, 1 MiB) in reach even at 253-character
+# names: about 330 bytes per failed entry, 380 per pending one.
+MAX_FAILED = 1024
+# MDs waiting for one restart. A request for one more is refused (RateLimited: the hook
+# retries later, after this batch's restart has emptied the plan).
+MAX_PENDING = 512
+# A set's fingerprint: lower-case hex SHA-256 (staging._fingerprint).
+_FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -122,6 +132,9 @@ class Scheduler:
                 f"a restart already failed to activate the certificate set staged for {md}; "
                 "root may retry it"
             )
+        if md not in self.pending and len(self.pending) >= MAX_PENDING:
+            raise errors.RateLimited(
+                f"{MAX_PENDING} MDs already wait for the next restart; try again after it")
         self._clamp(now)
         if not self.pending:
             self.window_opened_at = now
@@ -169,7 +182,8 @@ class Scheduler:
         now = _check_now(now)
         attempts = (self.retry.attempts if self.retry else 0) + 1
         self.restore(batch, now)
-        self.retry = Retry(attempts, now + self.retry_delay(attempts), reason[:MAX_REASON_LEN])
+        # The reason holds command output: kept as it will be shown (escaped, bounded).
+        self.retry = Retry(attempts, now + self.retry_delay(attempts), safe(reason, MAX_REASON_LEN))
         return self.retry
 
     def clear_retry(self) -> None:
@@ -182,40 +196,52 @@ class Scheduler:
         self.window_opened_at = None
         return batch
 
-    def restore(self, batch: dict[str, str], now: float) -> None:
+    def restore(self, batch: dict[str, str], now: float) -> list[str]:
         """Put a taken batch back without losing requests that arrived after it was taken.
 
         A newer request for the same MD wins, since it names the set staged now. The batch's
         window had already ended, so when nothing else is pending it is due again at once
         (still subject to `min_interval`); when newer requests are pending, their window is
-        kept, because their hooks may still be running.
+        kept, because their hooks may still be running. Returns the MDs left out because the
+        plan is at MAX_PENDING (their hooks or the daily check ask again).
         """
         now = _check_now(now)
         self._clamp(now)
         if not batch:
-            return
+            return []
         if not self.pending:
             self.window_opened_at = now - self.settle
+        left_out = []
         for md, fingerprint in batch.items():
-            if md not in self.pending:
-                self.pending[md] = Pending(fingerprint, now)
+            if md in self.pending:
+                continue
+            if len(self.pending) >= MAX_PENDING:
+                left_out.append(md)
+                continue
+            self.pending[md] = Pending(fingerprint, now)
+        return left_out
 
     def record_restart(self, now: float) -> None:
         self.last_restart_at = _check_now(now)
         self.retry = None
 
-    def record_outcome(self, batch: dict[str, str], activated: set[str]) -> None:
+    def record_outcome(self, batch: dict[str, str], activated: set[str]) -> list[str]:
         """After verification: remember the sets of `batch` that did not become active.
 
         An MD whose new set did activate keeps its failed entry: that entry names another
         set, and www-data staging the failed one again must not buy it another restart.
+        Returns the MDs whose (oldest) entries were forgotten to stay within MAX_FAILED.
         """
         for md, fingerprint in batch.items():
             if md not in activated:
                 self.failed.pop(md, None)  # re-inserted at the end, so the oldest go first
                 self.failed[md] = fingerprint
+        forgotten = []
         while len(self.failed) > MAX_FAILED:
-            del self.failed[next(iter(self.failed))]
+            oldest = next(iter(self.failed))
+            del self.failed[oldest]
+            forgotten.append(oldest)
+        return forgotten
 
     def to_dict(self) -> dict:
         return {
@@ -251,11 +277,12 @@ class Scheduler:
 
         pending = d["pending"]
         _expect(isinstance(pending, dict), "pending is not an object")
+        _expect(len(pending) <= MAX_PENDING, "too many pending entries")
         for md, entry in pending.items():
             _check_name("pending", md)
             _expect(isinstance(entry, dict) and set(entry) == {"fingerprint", "requested_at"},
-                    f"pending entry for {md!r} is malformed")
-            _check_name("pending fingerprint", entry["fingerprint"])
+                    "a pending entry is malformed")
+            _check_fingerprint("pending fingerprint", entry["fingerprint"])
             s.pending[md] = Pending(entry["fingerprint"], _time("requested_at", entry["requested_at"]))
 
         opened = d["window_opened_at"]
@@ -272,7 +299,7 @@ class Scheduler:
         _expect(len(failed) <= MAX_FAILED, "too many failed entries")
         for md, fingerprint in failed.items():
             _check_name("failed", md)
-            _check_name("failed fingerprint", fingerprint)
+            _check_fingerprint("failed fingerprint", fingerprint)
             s.failed[md] = fingerprint
 
         retry = d.get("retry")
@@ -281,8 +308,8 @@ class Scheduler:
                     "retry is malformed")
             attempts = retry["attempts"]
             _expect(type(attempts) is int and 0 < attempts < 10**6, "retry attempts is not a count")
-            _expect(isinstance(retry["reason"], str) and len(retry["reason"]) <= MAX_REASON_LEN,
-                    "retry reason is not a short string")
+            _expect(is_safe(retry["reason"], MAX_REASON_LEN),
+                    "retry reason is not a short printable string")
             _expect(bool(s.pending), "retry scheduled with nothing pending")
             s.retry = Retry(attempts, _time("retry at", retry["at"]), retry["reason"])
         return s
@@ -296,7 +323,21 @@ def _expect(ok: bool, problem: str) -> None:
 
 
 def _check_name(what: str, value: object) -> None:
-    _expect(isinstance(value, str) and value != "", f"{what}: not a non-empty string")
+    """An MD name exactly as a request would have to give it (the messages never quote it)."""
+    _expect(isinstance(value, str), f"{what}: not a string")
+    try:
+        validate_md_name(value)  # type: ignore[arg-type]
+    except errors.InvalidName:
+        raise ValueError(f"scheduler state: {what}: not a valid MD name") from None
+
+
+def check_fingerprint(what: str, value: object) -> None:
+    if not isinstance(value, str) or not _FINGERPRINT_RE.fullmatch(value):
+        raise ValueError(f"{what}: not a set fingerprint (64 lower-case hex digits)")
+
+
+def _check_fingerprint(what: str, value: object) -> None:
+    check_fingerprint(f"scheduler state: {what}", value)
 
 
 def _time(what: str, value: object) -> float:

@@ -19,6 +19,7 @@ from typing import Any
 from .errors import BrokerError, NothingStaged
 from .restart import config_test
 from .staging import CertSet, Store, validate_md_name
+from .text import safe
 from .verify import served_certificate
 
 PROBE_TIMEOUT = 5.0
@@ -35,6 +36,12 @@ class Step:
 
 
 Served = Callable[[str, str | None, float], Awaitable[bytes]]
+# Runs a blocking function off the event loop (the engine's worker threads).
+RunIO = Callable[..., Awaitable[Any]]
+
+
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    return await asyncio.to_thread(fn, *args)
 
 
 def _sni(names: Sequence[str], md: str) -> str | None:
@@ -51,39 +58,21 @@ async def run(
     probes: Sequence[str],
     apache_running: Callable[[], tuple[bool, str]] | None = None,
     served: Served = served_certificate,
+    run: RunIO = _in_thread,
 ) -> list[Step]:
-    """Every check for `md` ("" = every MD in the store), in the order a request meets them."""
-    steps: list[Step] = []
+    """Every check for `md` ("" = every MD in the store), in the order a request meets them.
+
+    Store reads and the look at Apache's pid go through `run` (a worker thread): a slow store
+    must not block the event loop while root runs the self-test.
+    """
     if md:
         validate_md_name(md)
-    fix_store = "set md_store to mod_md's MDStoreDir (Debian: /etc/apache2/md)"
-    # md_store comes from root's configuration: a plain look is fine here.
-    if not os.path.isdir(md_store):
-        steps.append(Step("store", False, f"{md_store} is not a directory", fix_store))
+    steps, active_sets = await run(_store_steps, md_store, store, md, failed)
+    if active_sets is None:
         return steps
-    try:
-        listed = store.list_mds()
-    except BrokerError as e:
-        steps.append(Step("store", False, f"cannot read {md_store}: {e.message}", fix_store))
-        return steps
-    if not listed:
-        steps.append(Step("store", False, f"{md_store} holds no MD (nothing in domains/ or staging/)", fix_store))
-        if not md:
-            return steps
-    else:
-        steps.append(Step("store", True, f"{md_store} readable, {len(listed)} MD(s)"))
-
-    active_sets: dict[str, CertSet | None] = {}
-    for name in ([md] if md else listed[:MAX_MDS]):
-        steps.append(_managed(store, name))
-        steps.append(_staged(store, name, failed))
-        try:
-            active_sets[name] = store.active(name)
-        except BrokerError:
-            active_sets[name] = None
 
     if apache_running is not None:
-        running, why = apache_running()
+        running, why = await run(apache_running)
         steps.append(Step("apache running", running, why,
                           "" if running else "start Apache: the broker never starts it, it only restarts it"))
     if configtest:
@@ -100,6 +89,39 @@ async def run(
     if not probes:
         steps.append(Step("probe", True, "off (probe = []): the served certificate is not checked"))
     return steps
+
+
+def _store_steps(md_store: str, store: Store, md: str, failed: dict[str, str]
+                 ) -> tuple[list[Step], dict[str, CertSet | None] | None]:
+    """In a worker thread: the store's steps, and the active set of each MD looked at (None:
+    stop here, the store is unusable)."""
+    steps: list[Step] = []
+    fix_store = "set md_store to mod_md's MDStoreDir (Debian: /etc/apache2/md)"
+    # md_store comes from root's configuration: a plain look is fine here.
+    if not os.path.isdir(md_store):
+        steps.append(Step("store", False, f"{md_store} is not a directory", fix_store))
+        return steps, None
+    try:
+        listed = store.list_mds()
+    except BrokerError as e:
+        steps.append(Step("store", False, f"cannot read {md_store}: {e.message}", fix_store))
+        return steps, None
+    if not listed:
+        steps.append(Step("store", False, f"{md_store} holds no MD (nothing in domains/ or staging/)", fix_store))
+        if not md:
+            return steps, None
+    else:
+        steps.append(Step("store", True, f"{md_store} readable, {len(listed)} MD(s)"))
+
+    active_sets: dict[str, CertSet | None] = {}
+    for name in ([md] if md else listed[:MAX_MDS]):
+        steps.append(_managed(store, name))
+        steps.append(_staged(store, name, failed))
+        try:
+            active_sets[name] = store.active(name)
+        except BrokerError:
+            active_sets[name] = None
+    return steps, active_sets
 
 
 def _managed(store: Store, md: str) -> Step:
@@ -155,4 +177,7 @@ async def _probe(served: Served, address: str, md: str, active: CertSet | None) 
 
 
 def as_json(steps: Sequence[Step]) -> dict[str, Any]:
-    return {"steps": [asdict(s) for s in steps]}
+    """The reply's content. Every text is escaped here, the one exit: details carry the config
+    test's output, TLS errors and messages about what www-data staged."""
+    return {"steps": [{k: safe(v) if isinstance(v, str) else v for k, v in asdict(s).items()}
+                      for s in steps]}

@@ -32,6 +32,7 @@ from .dbuslib import (
 )
 from .engine import Engine
 from .errors import BrokerError, InvalidArguments, RateLimited
+from .text import safe
 from .timefmt import usec_iso
 
 
@@ -106,11 +107,12 @@ class ApacheRestartInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def LastResult(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
-        return self._engine.announced["LastResult"]
+        return safe(self._engine.announced["LastResult"])
 
     @signal()
     def RestartFinished(self, ok: bool, detail: str, names: list[str]) -> "bsas":  # type: ignore[name-defined]  # noqa: F821
-        return [ok, detail, names]
+        # The engine escapes already; this is the exit, so it is made sure of here too.
+        return [ok, safe(detail), [safe(n) for n in names]]
 
 
 class ApacheRestartService:
@@ -137,7 +139,8 @@ class ApacheRestartService:
         self.bus.add_message_handler(self.handle_message)
 
     def _properties_changed(self, changed: dict[str, Any]) -> None:
-        self.interface.emit_properties_changed(changed)
+        self.interface.emit_properties_changed(
+            {k: safe(v) if isinstance(v, str) else v for k, v in changed.items()})
 
     # -- dispatch ------------------------------------------------------------------------
 
@@ -193,7 +196,7 @@ class ApacheRestartService:
         self._send(msg, Message.new_method_return(msg, "s", [node.tostring()]))
 
     def _reply_error(self, msg: Message, e: BrokerError) -> None:
-        self._send(msg, Message.new_error(msg, names.error_name(e.code), e.message))
+        self._send(msg, Message.new_error(msg, names.error_name(e.code), safe(e.message)))
 
     def _send(self, msg: Message, reply: Message) -> None:
         if int(msg.flags) & FLAG_NO_REPLY_EXPECTED:
@@ -213,9 +216,9 @@ class ApacheRestartService:
         caller = await self._authorize(msg)
         (md,) = msg.body
         try:
-            planned = self.engine.request(md, caller.uid)
+            planned = await self.engine.request(md, caller.uid)
         except BrokerError as e:
-            log.info(f"request from uid {caller.uid} for {md!r} refused: {e.code}: {e.message}")
+            log.info(f"request from uid {caller.uid} for {md[:300]!r} refused: {e.code}: {e.message}")
             raise
         log.info(f"request from uid {caller.uid} for {md} accepted, restart planned "
                  f"at the latest at {usec_iso(planned)}")
@@ -225,6 +228,7 @@ class ApacheRestartService:
         interactive = bool(int(msg.flags) & FLAG_ALLOW_INTERACTIVE_AUTHORIZATION)
         await self.authorizer.require_root_or(msg.sender, names.POLKIT_ACTION_READ_STATUS, interactive,
                                               "not authorized to read the status")
+        # json.dumps escapes every control and non-ASCII character (ensure_ascii).
         return "s", [json.dumps(await self.engine.status_probed(), sort_keys=True)]
 
     async def _check_all(self, msg: Message) -> tuple[str, list[Any]]:
@@ -238,7 +242,7 @@ class ApacheRestartService:
         # sends as the Apache user to see the hook's path through the bus policy and polkit.
         caller = await self._authorize(msg)
         (md,) = msg.body
-        planned = self.engine.dry_run(md, caller.uid)
+        planned = await self.engine.dry_run(md, caller.uid)
         log.info(f"dry run from uid {caller.uid} for {md}: a request would be planned at the latest "
                  f"at {usec_iso(planned)}")
         return "t", [planned]

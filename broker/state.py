@@ -62,6 +62,11 @@ class StateFile:
             self._move_aside(str(e))
             return {}
 
+    def discard(self, reason: str) -> None:
+        """The saved object was read but its content is unusable: move it aside for a human
+        (logged), so that the next save starts a fresh file."""
+        self._move_aside(reason)
+
     def _read(self) -> dict:
         st = os.lstat(self.path)
         if stat.S_ISLNK(st.st_mode):

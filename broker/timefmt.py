@@ -11,8 +11,13 @@ import datetime
 
 
 def local_iso(t: float) -> str:
-    """Epoch seconds -> `2026-11-29T13:13:51+01:00`."""
-    return datetime.datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
+    """Epoch seconds -> `2026-11-29T13:13:51+01:00`; "?" for a time no calendar holds."""
+    try:
+        return datetime.datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
+    except (OverflowError, ValueError, OSError):
+        # Years beyond 9999 or before 1: shown, not raised (a status must print whatever the
+        # state file or a peer's message held).
+        return "?"
 
 
 def usec_iso(usec: int) -> str:

@@ -15,7 +15,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from cryptography import x509
 
@@ -28,6 +28,13 @@ from .staging import CertSet
 PROBE_ATTEMPT_CAP = 5.0
 # A last attempt made just before the deadline still needs time for a handshake.
 PROBE_ATTEMPT_FLOOR = 0.2
+
+
+T = TypeVar("T")
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    return await asyncio.to_thread(fn, *args)
 
 
 class _Store(Protocol):
@@ -86,6 +93,10 @@ def _serial_of(der: bytes) -> str:
         return "?"
 
 
+def _serials(cset: CertSet) -> str:
+    return " or ".join(c.serial for c in cset.certs)
+
+
 def _describe_error(e: BaseException) -> str:
     if isinstance(e, TimeoutError):
         return "no answer in time"
@@ -105,10 +116,12 @@ async def verify_activation(
     poll: float = 0.2,
     sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     monotonic: Callable[[], float] = time.monotonic,
+    run: Callable[..., Awaitable[Any]] = _in_thread,
 ) -> Verdict:
     """Poll the store (and the probes) until every set in `batch` is active and served.
 
-    Always looks at least once, so timeout 0 answers "what is active right now".
+    Always looks at least once, so timeout 0 answers "what is active right now". Store reads
+    go through `run` (a worker thread): a slow store must not block the event loop.
     """
     deadline = monotonic() + timeout
     activated: set[str] = set()
@@ -136,7 +149,10 @@ async def verify_activation(
         if active is None:
             return "no active certificate (mod_md rejected the set?)"
         if active.fingerprint != cset.fingerprint:
-            return "active certificate is not the staged one (mod_md rejected the set?)"
+            # Either mod_md kept the old set, or staging was swapped after verification and
+            # mod_md activated that: say what is active, not whose fault it is.
+            return (f"activates serial {_serials(active)}, not the verified "
+                    f"{_serials(cset)}")
         return None
 
     async def probe(address: str, md: str) -> None:
@@ -151,15 +167,14 @@ async def verify_activation(
             del probe_todo[(address, md)]
             log.info(f"probe {address} ({md}): serves serial {_serial_of(der)}")
         else:
-            expected = " or ".join(c.serial for c in cset.certs)
             probe_todo[(address, md)] = (
-                f"probe {address} ({md}): serves serial {_serial_of(der)}, expected {expected}")
+                f"probe {address} ({md}): serves serial {_serial_of(der)}, not the verified {_serials(cset)}")
 
     while True:
         for md, cset in batch.items():
             if md in activated:
                 continue
-            problem = check_store(md, cset)
+            problem = await run(check_store, md, cset)
             if problem is None:
                 activated.add(md)
                 store_problem.pop(md, None)

@@ -34,6 +34,7 @@ from typing import Any, NoReturn
 
 from broker import __version__, names
 from broker.dbuslib import Message, MessageType
+from broker.text import safe
 
 from . import call, monitor
 from .call import Connection, Failure, format_planned, format_usec, one_line
@@ -61,6 +62,7 @@ CANNOT_START_HINT = ("check the configuration with 'apache-restart-broker --chec
 def _fail(f: Failure, what: str) -> int:
     """Say why `what` failed, on stderr, and return the exit status for it."""
     command = what.split()[0]
+    what = _show(what)  # it may quote a name given on the command line
     if f.kind == call.DENIED and command in ROOT_ONLY and os.geteuid() != 0:
         # One sentence instead of the bus daemon's rule dump: the cause is always the same.
         who, answered = MAY_CALL.get(command, ("run as root", "root"))
@@ -68,25 +70,25 @@ def _fail(f: Failure, what: str) -> int:
               file=sys.stderr)
         return EXIT_DENIED
     if isinstance(f, call.ActivationStalled):
-        print(f"{PROG}: {what}: the broker is not running: {f.describe()}", file=sys.stderr)
+        print(f"{PROG}: {what}: the broker is not running: {_show(f.describe(), 1000)}", file=sys.stderr)
         return EXIT_TEMPORARY
     if isinstance(f, call.CannotStart) or call.activation_failed(f.error_name):
-        print(f"{PROG}: {what}: the broker cannot start: {f.describe()}; {CANNOT_START_HINT}",
+        print(f"{PROG}: {what}: the broker cannot start: {_show(f.describe(), 1000)}; {CANNOT_START_HINT}",
               file=sys.stderr)
         return EXIT_TEMPORARY
     if f.kind == call.DENIED:
         hint = " (status needs root or the monitoring group, check-all needs root; request needs " \
                f"the polkit action {names.POLKIT_ACTION})"
-        print(f"{PROG}: {what}: access denied: {f.describe()}{hint}", file=sys.stderr)
+        print(f"{PROG}: {what}: access denied: {_show(f.describe(), 1000)}{hint}", file=sys.stderr)
         return EXIT_DENIED
     if f.kind == call.UNREACHABLE:
-        print(f"{PROG}: {what}: the broker is not reachable: {f.describe()}", file=sys.stderr)
+        print(f"{PROG}: {what}: the broker is not reachable: {_show(f.describe(), 1000)}", file=sys.stderr)
         return EXIT_TEMPORARY
     if f.retryable:
-        print(f"{PROG}: {what}: {f.describe()}; try again later", file=sys.stderr)
+        print(f"{PROG}: {what}: {_show(f.describe(), 1000)}; try again later", file=sys.stderr)
         return EXIT_TEMPORARY
     name = f.error_name or "error"
-    print(f"{PROG}: {what}: {name}: {one_line(f.message)}", file=sys.stderr)
+    print(f"{PROG}: {what}: {_show(name)}: {_show(one_line(f.message), 1000)}", file=sys.stderr)
     return EXIT_REFUSED
 
 
@@ -105,6 +107,26 @@ def _days_left(not_after_usec: int, now: float) -> str:
     if days < 0:
         return "EXPIRED"
     return f"{int(days)} days left" if days >= 1 else "less than a day left"
+
+
+def _show(value: Any, limit: int = 300) -> str:
+    """A value from the broker, fit for root's terminal: it may quote what www-data wrote."""
+    return safe(value if isinstance(value, str) else str(value), limit)
+
+
+def _escaped(value: Any, limit: int = 1000) -> Any:
+    """`value` (decoded JSON or property values) with every string in it escaped (keys too).
+
+    Done once where the broker's answer comes in, so that no line printed from it can carry a
+    control character, whichever field a later change of the layout prints.
+    """
+    if isinstance(value, str):
+        return safe(value, limit)
+    if isinstance(value, dict):
+        return {_escaped(k, limit): _escaped(v, limit) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_escaped(v, limit) for v in value]
+    return value
 
 
 def _cert_line(c: dict, now: float) -> str:
@@ -183,8 +205,14 @@ def _next_step(md: dict, status: dict, now: float) -> str:
 
 
 def render_status(status: dict, props: dict, now: float | None = None) -> str:
-    """The terminal view of GetStatus (plus the properties, which say the same, live)."""
+    """The terminal view of GetStatus (plus the properties, which say the same, live).
+
+    Every text from the broker is escaped (broker.text.safe) before it is laid out: names,
+    serials and problems can come from files www-data wrote, and a terminal obeys escape
+    sequences.
+    """
     now = time.time() if now is None else now
+    status, props = _escaped(status), _escaped(props)
     version = props.get("Version", status.get("version", "?"))
     last = int(props.get("LastRestart", status.get("last_restart_usec", 0)) or 0)
     result = props.get("LastResult", status.get("last_result", ""))
@@ -256,14 +284,14 @@ def cmd_request(args: argparse.Namespace) -> int:
             planned = call.run(work, args.bus_address, args.timeout, watch_unit=True)
         except Failure as f:
             return _fail(f, f"request --dry-run {args.name}")
-        print(f"{args.name}: dry run: the request would be taken, restart {format_planned(planned)}; "
+        print(f"{_show(args.name)}: dry run: the request would be taken, restart {format_planned(planned)}; "
               "nothing scheduled")
         return EXIT_OK
     try:
         planned = call.request_restart(args.name, args.bus_address, args.timeout, watch_unit=True)
     except Failure as f:
         return _fail(f, f"request {args.name}")
-    print(f"{args.name}: restart planned {format_planned(planned)}")
+    print(f"{_show(args.name)}: restart planned {format_planned(planned)}")
     return EXIT_OK
 
 
@@ -277,7 +305,7 @@ def cmd_check_all(args: argparse.Namespace) -> int:
     except Failure as f:
         return _fail(f, "check-all")
     if scheduled:
-        print(f"scheduled: {', '.join(scheduled)}")
+        print(f"scheduled: {', '.join(_show(md) for md in scheduled)}")
     else:
         print("nothing new to schedule")
     if planned:
@@ -351,8 +379,10 @@ def _hook_steps(user: str, hook: str, md: str, bus_address: str | None, timeout:
 
 
 def render_steps(steps: list[dict]) -> str:
+    """One line per step (and its fix). The broker's steps quote the config test's output and
+    what www-data staged: escaped like status."""
     lines = []
-    for s in steps:
+    for s in _escaped(steps):
         lines.append(f"{'ok  ' if s.get('ok') else 'FAIL'}  {s.get('step', '?')}: {one_line(str(s.get('detail', '')))}")
         if not s.get("ok") and s.get("fix"):
             lines.append(f"      fix: {one_line(str(s['fix']))}")
@@ -364,7 +394,7 @@ def render_steps(steps: list[dict]) -> str:
 
 def cmd_test(args: argparse.Namespace) -> int:
     name = args.name or ""
-    print(f"apache-restart test{' ' + name if name else ''}: the path a renewal takes, restarting nothing",
+    print(f"apache-restart test{' ' + _show(name) if name else ''}: the path a renewal takes, restarting nothing",
           flush=True)
     if os.geteuid() != 0:
         print(render_steps([{"step": "root", "ok": False, "detail": "not run as root",
@@ -430,17 +460,55 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def describe_signal(msg: Any) -> str | None:
-    """One line for a broker signal worth showing, or None."""
-    if msg.member == "RestartFinished":
+    """One line for a broker signal worth showing, or None (also for a malformed one)."""
+    if msg.member == "RestartFinished" and msg.interface == names.INTERFACE and msg.signature == "bsas":
         ok, detail, mds = msg.body
-        return f"restart {'ok' if ok else 'FAILED'} for {', '.join(mds) or '(no MD)'}: {one_line(detail)}"
-    if msg.member == "PropertiesChanged":
+        return (f"restart {'ok' if ok else 'FAILED'} for {', '.join(_show(md) for md in mds) or '(no MD)'}: "
+                f"{_show(one_line(detail), 1000)}")
+    if (msg.member == "PropertiesChanged" and msg.interface == "org.freedesktop.DBus.Properties"
+            and msg.signature == "sa{sv}as" and msg.body[0] == names.INTERFACE):
         _iface, changed, _invalidated = msg.body
         values = {k: v.value for k, v in changed.items()}
-        if values.get("Pending") is True or values.get("PlannedAt"):
-            planned = values.get("PlannedAt")
-            return "restart pending" + (f", planned at the latest at {format_usec(planned)}" if planned else "")
+        planned = values.get("PlannedAt")
+        if values.get("Pending") is True or planned:
+            when = (f", planned at the latest at {format_usec(planned)}"
+                    if isinstance(planned, int) and planned else "")
+            return "restart pending" + when
     return None
+
+
+class BrokerOwner:
+    """Which connection owns the broker's name now: only its signals are the broker's.
+
+    Anybody on the bus can send a signal with the broker's path and interface, even straight to
+    this connection; the bus daemon stamps the true sender's unique name on every message, so a
+    signal counts only when that is the current owner of the broker's name (followed through
+    NameOwnerChanged, which only the bus daemon itself sends).
+    """
+
+    def __init__(self, unique_name: str | None = None):
+        self.unique_name = unique_name
+
+    def follow(self, msg: Message) -> bool:
+        """Take note of a NameOwnerChanged for the broker's name; True when `msg` was one."""
+        if (msg.message_type == MessageType.SIGNAL and msg.sender == names.DBUS_BUS_NAME
+                and msg.member == "NameOwnerChanged" and msg.signature == "sss"
+                and msg.body[0] == names.BUS_NAME):
+            self.unique_name = msg.body[2] or None
+            return True
+        return False
+
+    def sent(self, msg: Message) -> bool:
+        return self.unique_name is not None and msg.sender == self.unique_name
+
+
+async def _name_owner(conn: Connection) -> str | None:
+    msg = Message(destination=names.DBUS_BUS_NAME, path=names.DBUS_PATH, interface=names.DBUS_INTERFACE,
+                  member="GetNameOwner", signature="s", body=[names.BUS_NAME])
+    reply = await asyncio.wait_for(conn.bus.call(msg), 10)
+    if reply.message_type == MessageType.ERROR:
+        return None  # not running now; NameOwnerChanged says when it is
+    return str(reply.body[0])
 
 
 async def _watch(bus_address: str | None) -> int:
@@ -449,9 +517,12 @@ async def _watch(bus_address: str | None) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    owner = BrokerOwner()
 
     def on_message(msg: Message) -> bool:
-        if msg.message_type == MessageType.SIGNAL and msg.path == names.OBJECT_PATH:
+        if owner.follow(msg):
+            return False
+        if msg.message_type == MessageType.SIGNAL and msg.path == names.OBJECT_PATH and owner.sent(msg):
             line = describe_signal(msg)
             if line:
                 print(f"{format_usec(int(time.time() * 1e6))}  {line}", flush=True)
@@ -459,8 +530,14 @@ async def _watch(bus_address: str | None) -> int:
 
     conn.bus.add_message_handler(on_message)
     try:
+        # Subscribed before the owner is asked, so that no change of owner falls in between.
+        await conn.add_match(f"type='signal',sender='{names.DBUS_BUS_NAME}',interface='{names.DBUS_INTERFACE}',"
+                             f"member='NameOwnerChanged',arg0='{names.BUS_NAME}'", timeout=10)
         await conn.add_match(f"type='signal',sender='{names.BUS_NAME}',path='{names.OBJECT_PATH}'",
                              timeout=10)
+        current = await _name_owner(conn)
+        if owner.unique_name is None:
+            owner.unique_name = current
         print(f"watching {names.BUS_NAME} on {call.bus_description(bus_address)} (Ctrl-C ends)",
               flush=True)
         lost = asyncio.ensure_future(conn.bus.wait_for_disconnect())

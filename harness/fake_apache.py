@@ -2,7 +2,8 @@
 
 The broker runs it with a fixed environment, so everything comes from argv:
     fake_apache.py configtest|graceful CONTROL_DIR STORE
-CONTROL_DIR holds switches the tests set (files `configtest-fails`, `graceful-fails`,
+CONTROL_DIR holds switches the tests set (files `configtest-fails` (when not empty, its
+content is what the failing config test prints), `graceful-fails`,
 `no-activate`, `graceful-sleep` holding seconds) and the record `calls.log`, one line
 per call. `graceful` activates every staged set the way mod_md does.
 """
@@ -21,7 +22,12 @@ def main() -> int:
     with open(os.path.join(control, "calls.log"), "a") as f:
         f.write(f"{action} {time.time():.6f} env={sorted(os.environ)}\n")
     if action == "configtest":
-        if os.path.exists(os.path.join(control, "configtest-fails")):
+        fails = os.path.join(control, "configtest-fails")
+        if os.path.exists(fails) and os.path.getsize(fails):
+            with open(fails, "rb") as f:
+                sys.stderr.buffer.write(f.read())
+            return 1
+        if os.path.exists(fails):
             print("AH00526: Syntax error on line 7 of /etc/apache2/sites-enabled/x.conf:", file=sys.stderr)
             print("Invalid command 'SSLEngin'", file=sys.stderr)
             return 1

@@ -185,13 +185,23 @@ class RealStack:
         )
         self._cleanup.callback(self.broker.stop)
         self.broker.start()
+        self._wait_for_broker()
 
+    def _wait_for_broker(self) -> None:
         def broker_owns_the_name() -> bool:
             assert self.broker is not None
             self.broker.check_alive()
             return self.name_owner(names.BUS_NAME) is not None
 
         wait_for(broker_owns_the_name, 15, f"the broker to own {names.BUS_NAME}", interval=0.05)
+
+    def restart_broker(self) -> None:
+        """Stop the broker and start it again on the same configuration and state."""
+        assert self.broker is not None
+        self.broker.stop()
+        wait_for(lambda: self.name_owner(names.BUS_NAME) is None, 5, f"{names.BUS_NAME} to go")
+        self.broker.start()
+        self._wait_for_broker()
 
     def _stop_polkitd(self) -> None:
         # A test may have stopped it with SIGSTOP: SIGTERM would wait for the kill timeout.

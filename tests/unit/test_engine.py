@@ -62,7 +62,7 @@ async def test_request_plans_after_settle_and_restart_activates(tmp_path, store)
     clock = Clock()
     apache = FakeApache(store)
     engine, finished = make_engine(tmp_path, store, apache, clock)
-    planned = engine.request(MD, caller_uid=33)
+    planned = await engine.request(MD, caller_uid=33)
     assert planned == int((clock.t + 10) * 1_000_000)
     assert engine.pending and engine.planned_at_usec == planned
     await engine.restart_now()
@@ -76,13 +76,13 @@ async def test_failed_set_is_not_restarted_again_unless_root(tmp_path, store):
     storefactory.add_staged(store, MD, [MD])
     apache = FakeApache(store, activate=False)
     engine, finished = make_engine(tmp_path, store, apache, Clock())
-    engine.request(MD, caller_uid=33)
+    await engine.request(MD, caller_uid=33)
     await engine.restart_now()
     assert finished[0][0] is False and "still staged" in finished[0][1]
     with pytest.raises(AlreadyFailed):
-        engine.request(MD, caller_uid=33)
-    assert engine.check_all() == ([], 0)
-    engine.request(MD, caller_uid=0)  # root overrides
+        await engine.request(MD, caller_uid=33)
+    assert await engine.check_all() == ([], 0)
+    await engine.request(MD, caller_uid=0)  # root overrides
     assert engine.pending
 
 
@@ -90,14 +90,14 @@ async def test_config_test_failure_restarts_nothing_and_is_reported(tmp_path, st
     storefactory.add_staged(store, MD, [MD])
     apache = FakeApache(store, configtest_ok=False)
     engine, finished = make_engine(tmp_path, store, apache, Clock())
-    engine.request(MD, caller_uid=33)
+    await engine.request(MD, caller_uid=33)
     await engine.restart_now()
     assert finished == [(False, "config test failed: AH00526: Syntax error", [MD])]
     assert engine.last_restart_usec == 0
     assert engine.last_result.startswith("failed: config test failed")
     # Not a failed activation: the same set may be requested again.
     apache.configtest_ok = True
-    engine.request(MD, caller_uid=33)
+    await engine.request(MD, caller_uid=33)
     await engine.restart_now()
     assert finished[-1][0] is True
 
@@ -107,14 +107,14 @@ async def test_failed_config_test_is_retried_on_its_own_and_survives_a_new_engin
     clock = Clock()
     apache = FakeApache(store, configtest_ok=False)
     engine, finished = make_engine(tmp_path, store, apache, clock)
-    engine.request(MD, caller_uid=33)
+    await engine.request(MD, caller_uid=33)
     clock.t += 10
     await engine.restart_now()
     failed_at = clock.t
     # Held back, not dropped: pending again, due min_interval (60 s) later, and status says why.
     assert engine.pending
     assert engine.planned_at_usec == int((failed_at + 60) * 1_000_000)
-    status = engine.status()
+    status = await engine.status()
     assert status["waiting_for"] == "retry"
     assert status["retry"] == {"attempts": 1, "at_usec": int((failed_at + 60) * 1_000_000),
                                "reason": "config test failed: AH00526: Syntax error"}
@@ -124,8 +124,9 @@ async def test_failed_config_test_is_retried_on_its_own_and_survives_a_new_engin
 
     # The broker restarts: the retry and the result's own time come back from the state file.
     again, finished = make_engine(tmp_path, store, apache, clock)
-    assert again.status()["retry"] == status["retry"]
-    assert again.status()["last_result_usec"] == status["last_result_usec"]
+    again_status = await again.status()
+    assert again_status["retry"] == status["retry"]
+    assert again_status["last_result_usec"] == status["last_result_usec"]
     apache.configtest_ok = True
     runner = asyncio.ensure_future(again.run())
     try:
@@ -140,29 +141,29 @@ async def test_failed_config_test_is_retried_on_its_own_and_survives_a_new_engin
     finally:
         runner.cancel()
     assert finished == [(True, "1 MD active", [MD])]
-    assert apache.restarts == 1 and not again.pending and again.status()["retry"] is None
+    assert apache.restarts == 1 and not again.pending and (await again.status())["retry"] is None
 
 
 async def test_a_held_back_restart_backs_off(tmp_path, store):
     storefactory.add_staged(store, MD, [MD])
     clock = Clock()
     engine, _ = make_engine(tmp_path, store, FakeApache(store, configtest_ok=False), clock)
-    engine.request(MD, caller_uid=33)
+    await engine.request(MD, caller_uid=33)
     delays = []
     for _ in range(3):
         await engine.restart_now()
         delays.append(engine.planned_at_usec / 1e6 - clock.t)
         clock.t = engine.planned_at_usec / 1e6
     assert delays == [60, 120, 240]
-    engine.request(MD, caller_uid=0)  # root: retry now
-    assert engine.status()["retry"] is None
+    await engine.request(MD, caller_uid=0)  # root: retry now
+    assert (await engine.status())["retry"] is None
 
 
 async def test_pending_work_survives_a_new_engine(tmp_path, store):
     storefactory.add_staged(store, MD, [MD])
     clock = Clock()
     engine, _ = make_engine(tmp_path, store, FakeApache(store), clock)
-    planned = engine.request(MD, caller_uid=33)
+    planned = await engine.request(MD, caller_uid=33)
     again, finished = make_engine(tmp_path, store, FakeApache(store), clock)
     assert again.pending and again.planned_at_usec == planned
     await again.restart_now()
@@ -178,7 +179,7 @@ async def test_batch_interrupted_mid_restart_is_resumed(tmp_path, store):
             await asyncio.Event().wait()
 
     engine, _ = make_engine(tmp_path, store, Hanging(store), clock)
-    engine.request(MD, caller_uid=33)
+    await engine.request(MD, caller_uid=33)
     task = asyncio.ensure_future(engine.restart_now())
     await asyncio.sleep(0.05)
     task.cancel()  # the broker died while Apache was restarting
@@ -192,7 +193,7 @@ async def test_set_activated_meanwhile_needs_no_restart(tmp_path, store):
     storefactory.add_staged(store, MD, [MD])
     apache = FakeApache(store)
     engine, finished = make_engine(tmp_path, store, apache, Clock())
-    engine.request(MD, caller_uid=33)
+    await engine.request(MD, caller_uid=33)
     storefactory.activate(store, MD)  # someone else restarted Apache
     await engine.restart_now()
     assert apache.restarts == 0 and finished == []
@@ -203,15 +204,15 @@ async def test_refusals_change_nothing(tmp_path, store):
     storefactory.add_staged(store, MD, [MD], cert_names=["other.example.test"])
     engine, _ = make_engine(tmp_path, store, FakeApache(store), Clock(), rate_burst=2, rate_per_second=0)
     with pytest.raises(StagingInvalid):
-        engine.request(MD, caller_uid=33)
+        await engine.request(MD, caller_uid=33)
     with pytest.raises(NothingStaged):
-        engine.request("nothing.example.test", caller_uid=33)
+        await engine.request("nothing.example.test", caller_uid=33)
     assert not engine.pending
     with pytest.raises(RateLimited):
-        engine.request(MD, caller_uid=33)
+        await engine.request(MD, caller_uid=33)
     # Buckets are per user: root still has its own.
     with pytest.raises(StagingInvalid):
-        engine.request(MD, caller_uid=0)
+        await engine.request(MD, caller_uid=0)
 
 
 def add_due_md(store, md="due.example.test"):
@@ -227,7 +228,7 @@ async def test_run_loop_restarts_early_when_mod_md_notified(tmp_path, store):
     clock = Clock()
     apache = FakeApache(store)
     engine, finished = make_engine(tmp_path, store, apache, clock, settle_seconds=3600)
-    engine.request(MD, caller_uid=33)
+    await engine.request(MD, caller_uid=33)
     runner = asyncio.ensure_future(engine.run())
     try:
         await asyncio.sleep(0.6)
@@ -254,14 +255,18 @@ async def test_window_waits_while_mod_md_renews_another_md(tmp_path, store):
     clock = Clock()
     apache = FakeApache(store)
     engine, finished = make_engine(tmp_path, store, apache, clock, settle_seconds=3600)
-    engine.request(MD, caller_uid=33)
+    await engine.request(MD, caller_uid=33)
+    await engine.poll_mod_md()  # what the run loop does every JOB_POLL_SECONDS
     assert engine.planned_at_usec == int((clock.t + 3600) * 1_000_000)
     clock.t += 5
+    await engine.poll_mod_md()  # what the run loop does every JOB_POLL_SECONDS
     assert engine.planned_at_usec == int((clock.t - 5 + 3600) * 1_000_000)  # still renewing next
     storefactory.write_job(store, other, {"finished": True, "notified-renewed": True})
-    engine.request(other, caller_uid=33)
+    await engine.request(other, caller_uid=33)
+    await engine.poll_mod_md()  # what the run loop does every JOB_POLL_SECONDS
     assert engine.planned_at_usec > int(clock.t * 1_000_000)  # both notified: quiet time starts
     clock.t += 1.5
+    await engine.poll_mod_md()  # what the run loop does every JOB_POLL_SECONDS
     assert engine.planned_at_usec <= int(clock.t * 1_000_000)
     await engine.restart_now()
     assert apache.restarts == 1 and sorted(finished[0][2]) == [other, MD]
@@ -277,13 +282,16 @@ async def test_window_waits_for_the_next_md_before_its_job_json(tmp_path, store)
     add_due_md(store)
     clock = Clock()
     engine, _ = make_engine(tmp_path, store, FakeApache(store), clock, settle_seconds=3600)
-    engine.request(MD, caller_uid=33)
+    await engine.request(MD, caller_uid=33)
     clock.t += 5
+    await engine.poll_mod_md()  # what the run loop does every JOB_POLL_SECONDS
     assert engine.planned_at_usec == int((clock.t - 5 + 3600) * 1_000_000)
     (nxt / "md.json").unlink()
     nxt.rmdir()  # that renewal gave up: nothing else is under way
+    await engine.poll_mod_md()  # what the run loop does every JOB_POLL_SECONDS
     assert engine.planned_at_usec > int(clock.t * 1_000_000)  # the quiet second starts now
     clock.t += 1.5
+    await engine.poll_mod_md()  # what the run loop does every JOB_POLL_SECONDS
     assert engine.planned_at_usec <= int(clock.t * 1_000_000)
 
 
@@ -293,12 +301,15 @@ async def test_no_quiet_wait_when_no_other_md_is_due(tmp_path, store):
     storefactory.add_staged(store, MD, [MD], job={"notified-renewed": True})
     clock = Clock()
     engine, _ = make_engine(tmp_path, store, FakeApache(store), clock, settle_seconds=3600)
-    engine.request(MD, caller_uid=33)
+    await engine.request(MD, caller_uid=33)
+    await engine.poll_mod_md()  # what the run loop does every JOB_POLL_SECONDS
     assert engine.planned_at_usec <= int(clock.t * 1_000_000)  # due at once, no quiet second
     # The same with an MD that is due: the quiet second is kept.
     add_due_md(store)
     engine2, _ = make_engine(tmp_path / "2", store, FakeApache(store), clock, settle_seconds=3600)
-    engine2.request(MD, caller_uid=33)
+    await engine2.request(MD, caller_uid=33)
+    await engine2.poll_mod_md()
     assert engine2.planned_at_usec > int(clock.t * 1_000_000)
     clock.t += 1.5
+    await engine2.poll_mod_md()
     assert engine2.planned_at_usec <= int(clock.t * 1_000_000)

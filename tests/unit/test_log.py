@@ -56,3 +56,16 @@ def test_closed_stderr_does_not_raise(monkeypatch):
     log.err("nobody listens")  # must not raise
     monkeypatch.setattr(sys, "stderr", None)
     log.err("nobody at all")
+
+
+def test_nul_and_escapes_cannot_forge_a_journal_entry(capsys):
+    # journald ends a line at NUL as well: "\0<0>" would start an entry of priority 0.
+    log.info("bad\0<0>emergency \x1b[31mred\x7f\x85\u202e")
+    err = capsys.readouterr().err
+    assert err == "<6>bad\\x00<0>emergency \\x1b[31mred\\x7f | \\u202e\n"
+
+
+def test_long_lines_are_capped_below_journald_line_max(capsys):
+    log.info("x" * 100_000)
+    err = capsys.readouterr().err
+    assert len(err) <= log.MAX_LINE + 5 and err.endswith("...\n")

@@ -52,7 +52,7 @@ async def test_every_event_and_check_rewrites_the_file(tmp_path):
     engine = Engine(cfg, Store(str(store)), FakeApache(store), StateFile(str(tmp_path / "state")),
                     clock=clock, prober=prober, verifier=verifier)
     assert not path.exists()
-    engine.request(MD, caller_uid=33)
+    await engine.request(MD, caller_uid=33)
     got = samples(path)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
     prefix = "apache_restart_broker_"

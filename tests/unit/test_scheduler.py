@@ -6,6 +6,8 @@ import pytest
 from broker import errors
 from broker.scheduler import (
     MAX_FAILED,
+    MAX_PENDING,
+    MAX_REASON_LEN,
     RETRY_CAP,
     WAIT_INTERVAL,
     WAIT_RETRY,
@@ -162,11 +164,30 @@ def test_record_outcome(s):
 
 
 def test_failed_is_bounded(s):
+    forgotten = []
     for i in range(MAX_FAILED + 10):
-        s.record_outcome({f"md{i}": "fp"}, activated=set())
+        forgotten += s.record_outcome({f"md{i}": "fp"}, activated=set())
     assert len(s.failed) == MAX_FAILED
+    assert forgotten == [f"md{i}" for i in range(10)]  # the oldest, named for the log
     assert "md0" not in s.failed
     assert f"md{MAX_FAILED + 9}" in s.failed
+
+
+def test_pending_is_bounded_and_the_request_beyond_it_refused(s):
+    for i in range(MAX_PENDING):
+        s.add(f"md{i}.example", "fp", T0)
+    s.add("md0.example", "fp2", T0 + 1)  # an MD already pending may still change its set
+    with pytest.raises(errors.RateLimited):
+        s.add("one-more.example", "fp", T0 + 1)
+    assert len(s.pending) == MAX_PENDING and "one-more.example" not in s.pending
+
+
+def test_restore_stays_within_the_bound(s):
+    for i in range(MAX_PENDING - 1):
+        s.add(f"new{i}.example", "fp", T0)
+    left_out = s.restore({"old0.example": "fo", "old1.example": "fo", "new0.example": "fo"}, T0)
+    assert left_out == ["old1.example"]
+    assert len(s.pending) == MAX_PENDING and s.pending["new0.example"].fingerprint == "fp"
 
 
 def test_restore_keeps_newer_entries(s):
@@ -201,11 +222,15 @@ def test_restore_empty_batch_opens_no_window(s):
     assert s.planned_at(T0, never) is None
 
 
+# Saved state holds set fingerprints: SHA-256 in lower-case hex.
+FA, FB, FC, FD = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)
+
+
 def test_round_trip(s):
-    s.add("a.example", "fa", T0)
-    s.add("*.b.example", "fb", T0 + 3)
+    s.add("a.example", FA, T0)
+    s.add("*.b.example", FB, T0 + 3)
     s.record_restart(T0 - 1000)
-    s.record_outcome({"c": "fc", "d": "fd"}, activated=set())
+    s.record_outcome({"c": FC, "d": FD}, activated=set())
     d = s.to_dict()
     json.dumps(d, allow_nan=False)  # JSON-safe
     t = Scheduler.from_dict(json.loads(json.dumps(d)), SETTLE, MIN_INTERVAL)
@@ -227,10 +252,10 @@ def test_round_trip_empty(s):
 def _valid():
     return {
         "version": 1,
-        "pending": {"a": {"fingerprint": "fa", "requested_at": T0}},
+        "pending": {"a": {"fingerprint": FA, "requested_at": T0}},
         "window_opened_at": T0,
         "last_restart_at": 0.0,
-        "failed": {"b": "fb"},
+        "failed": {"b": FB},
     }
 
 
@@ -270,13 +295,22 @@ def _mutations():
         "failed list": m(lambda d: d.update(failed=[])),
         "failed fp int": m(lambda d: d["failed"].update(b=3)),
         "failed fp empty": m(lambda d: d["failed"].update(b="")),
-        "failed too many": m(lambda d: d.update(failed={f"m{i}": "f" for i in range(MAX_FAILED + 1)})),
+        "failed too many": m(lambda d: d.update(failed={f"m{i}": FB for i in range(MAX_FAILED + 1)})),
+        "pending too many": m(lambda d: d.update(pending={
+            f"m{i}": {"fingerprint": FA, "requested_at": T0} for i in range(MAX_PENDING + 1)})),
+        "pending fp not hex": m(lambda d: d["pending"]["a"].update(fingerprint="fa")),
+        "pending fp upper hex": m(lambda d: d["pending"]["a"].update(fingerprint="A" * 64)),
+        "failed fp too short": m(lambda d: d["failed"].update(b="b" * 63)),
+        "pending md nul": m(lambda d: d.update(pending={"a\0b": d["pending"]["a"]})),
+        "pending md escape": m(lambda d: d.update(pending={"a\x1b[2J": d["pending"]["a"]})),
+        "failed md <0>": m(lambda d: d.update(failed={"<0>x": FB})),
+        "failed md upper": m(lambda d: d.update(failed={"A.example": FB})),
     }
 
 
 def test_valid_fixture_is_accepted():
     s = Scheduler.from_dict(_valid(), SETTLE, MIN_INTERVAL)
-    assert s.pending["a"].fingerprint == "fa"
+    assert s.pending["a"].fingerprint == FA
 
 
 @pytest.mark.parametrize("name", sorted(_mutations()))
@@ -307,8 +341,11 @@ def test_valid_v2_fixture_is_accepted():
     lambda r: r.update(at="1"),
     lambda r: r.update(reason=5),
     lambda r: r.update(reason="x" * 10_000),
+    lambda r: r.update(reason="config test failed\0<0>forged"),
+    lambda r: r.update(reason="config test failed: \x1b[2J"),
+    lambda r: r.update(reason="AH00526\nsecond line"),
 ], ids=["no reason", "extra", "zero attempts", "bool attempts", "float attempts", "nan at",
-        "str at", "int reason", "long reason"])
+        "str at", "int reason", "long reason", "nul in reason", "escape in reason", "newline in reason"])
 def test_from_dict_rejects_malformed_retry(change):
     d = _valid_v2()
     change(d["retry"])
@@ -342,11 +379,21 @@ def test_held_back_restart_is_retried_with_backoff_up_to_the_cap(s):
 
 
 def test_retry_round_trips(s):
-    s.add("a", "fa", T0)
+    s.add("a", FA, T0)
     s.hold(s.take_batch(), T0 + SETTLE, "apache is not running (no pid file)")
     t = Scheduler.from_dict(json.loads(json.dumps(s.to_dict())), SETTLE, MIN_INTERVAL)
     assert t.retry == s.retry and t.pending == s.pending
     assert t.plan(T0 + SETTLE, never) == s.plan(T0 + SETTLE, never)
+
+
+def test_hold_keeps_the_reason_escaped_and_bounded_so_it_round_trips(s):
+    # The reason holds the config test's output, which quotes whatever Apache read.
+    s.add("a", FA, T0)
+    retry = s.hold(s.take_batch(), T0 + SETTLE, "config test failed: \0<0>\x1b[2J" + "x" * 10_000)
+    assert retry.reason.startswith("config test failed: \\x00<0>\\x1b[2J")
+    assert len(retry.reason) <= MAX_REASON_LEN
+    t = Scheduler.from_dict(json.loads(json.dumps(s.to_dict())), SETTLE, MIN_INTERVAL)
+    assert t.retry == retry
 
 
 def test_issued_restart_and_root_end_the_retry(s):

@@ -1,8 +1,11 @@
 """The broker's half of `apache-restart test`: each check's verdict and what it says to fix."""
 
+import json
 import ssl
 import sys
+import threading
 import time
+import unicodedata
 from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -90,3 +93,54 @@ async def test_a_missing_or_empty_store_stops_early(tmp_path):
     steps = await run(empty, md="")
     assert [(s.step, s.ok) for s in steps] == [("store", False)]
     assert "holds no MD" in steps[0].detail
+
+
+HOSTILE_CONFIGTEST = (sys.executable, "-c", "import sys; "
+                      "sys.stdout.write('AH00526: \\x1b]0;owned\\x07\\x1b[2J\\x00<0>forged\\u202e'); exit(1)")
+
+
+def control_free(text: str) -> bool:
+    return not any(unicodedata.category(ch)[0] == "C" for ch in text)
+
+
+async def test_the_reply_escapes_what_the_config_test_and_tls_said(tmp_path):
+    store = storefactory.make_store(tmp_path)
+    storefactory.add_active(store, MD, [MD])
+
+    async def served(address, sni, timeout):
+        raise ssl.SSLError(1, "bad \x1b[2J record\x00")
+
+    steps = await run(store, configtest=HOSTILE_CONFIGTEST, probes=("127.0.0.1:443",), served=served)
+    report = selftest.as_json(steps)
+    texts = [v for s in report["steps"] for v in s.values() if isinstance(v, str)]
+    assert texts and all(control_free(t) for t in texts), texts
+    config = next(s for s in report["steps"] if s["step"] == "config test")
+    assert "\\x1b]0;owned\\x07\\x1b[2J\\x00<0>forged\\u202e" in config["detail"]
+    json.dumps(report)  # and it goes over the bus as it is
+
+
+async def test_store_reads_stay_off_the_event_loop(tmp_path):
+    store = storefactory.make_store(tmp_path)
+    storefactory.add_active(store, MD, [MD])
+    storefactory.add_staged(store, MD, [MD])
+    loop_thread = threading.get_ident()
+    seen: list[tuple[str, bool]] = []
+
+    class WatchedStore(Store):
+        def __getattribute__(self, name):
+            attr = super().__getattribute__(name)
+            if name in ("list_mds", "managed_names", "check_staged", "active"):
+                def watched(*args, **kwargs):
+                    seen.append((name, threading.get_ident() == loop_thread))
+                    return attr(*args, **kwargs)
+                return watched
+            return attr
+
+    def running():
+        seen.append(("apache_running", threading.get_ident() == loop_thread))
+        return True, "pid 1"
+
+    steps = await selftest.run(str(store), WatchedStore(str(store)), MD, {}, (), 10.0, (), running)
+    assert all(s.ok for s in steps), steps
+    assert {name for name, _ in seen} == {"list_mds", "managed_names", "check_staged", "active", "apache_running"}
+    assert not any(on_loop for _, on_loop in seen), seen

@@ -168,7 +168,7 @@ async def test_check_restarts_a_node_that_serves_behind_the_store_once(tmp_path,
     node = Node(store, old)
     engine = make_engine(tmp_path, store, node)
     await engine.status_probed()
-    (entry,) = engine.status()["mds"]
+    (entry,) = (await engine.status())["mds"]
     assert entry["served_behind"] is True and entry["served_behind_failed"] is False
     scheduled, planned = await engine.check()
     assert scheduled == [MD] and planned > 0
@@ -177,7 +177,7 @@ async def test_check_restarts_a_node_that_serves_behind_the_store_once(tmp_path,
     await engine.restart_now()
     assert node.restarts == 1 and engine.last_result == "ok"
     assert node.serving.sha256 == active.sha256()
-    status = engine.status()
+    status = await engine.status()
     assert status["mds"][0]["served"][0]["sha256"] == active.sha256()
     assert status["mds"][0]["served_behind"] is False
     # Serving the store's set now: the next checks schedule nothing.
@@ -193,7 +193,7 @@ async def test_a_restart_that_did_not_help_is_not_repeated_until_root_asks(tmp_p
     await engine.restart_now()
     assert node.restarts == 1 and engine.last_result.startswith("failed")
     assert engine.refresh_failed.failed == {MD: active.fingerprint}
-    (entry,) = engine.status()["mds"]
+    (entry,) = (await engine.status())["mds"]
     assert entry["served_behind"] is True and entry["served_behind_failed"] is True
     # Remembered across a restart of the broker (the check timer may activate a fresh one).
     engine = make_engine(tmp_path, store, node)
@@ -202,8 +202,8 @@ async def test_a_restart_that_did_not_help_is_not_repeated_until_root_asks(tmp_p
     assert node.restarts == 1
     # www-data cannot ask for it; root can.
     with pytest.raises(NothingStaged):
-        engine.request(MD, caller_uid=33)
-    assert engine.request(MD, caller_uid=0) > 0
+        await engine.request(MD, caller_uid=33)
+    assert await engine.request(MD, caller_uid=0) > 0
     await engine.restart_now()
     assert node.restarts == 2
 
@@ -286,9 +286,9 @@ async def test_root_retries_a_held_back_refresh_at_once(tmp_path, cluster):
     await engine.restart_now()
     assert engine.scheduler.retry is not None and engine.planned_at_usec > int(now[0] * 1e6)
     with pytest.raises(NothingStaged):
-        engine.request(MD, caller_uid=33)  # www-data cannot
+        await engine.request(MD, caller_uid=33)  # www-data cannot
     # The hint in the log names this command: it retries now, not after the back-off.
-    assert engine.request(MD, caller_uid=0) == int(now[0] * 1_000_000)
+    assert await engine.request(MD, caller_uid=0) == int(now[0] * 1_000_000)
     assert engine.scheduler.retry is None
     await engine.restart_now()
     assert node.restarts == 1 and node.serving.sha256 == active.sha256()

@@ -95,7 +95,7 @@ async def test_the_restart_waits_while_another_node_activates(tmp_path, store, h
         return answer
 
     monkeypatch.setattr(storelock, "held_elsewhere", held)
-    engine.request(MD, caller_uid=33)
+    await engine.request(MD, caller_uid=33)
     restart = asyncio.ensure_future(engine.restart_now())
     await asyncio.wait_for(seen_held.wait(), 10)
     assert apache.restarts == 0 and not restart.done()

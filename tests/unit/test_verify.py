@@ -98,7 +98,8 @@ async def test_purged_set_is_reported_as_not_active(store_dir):
     clock = FakeTime()
     verdict = await verify_activation(store, batch, (), 2, sleep=clock.sleep, monotonic=clock.monotonic)
     assert not verdict.ok
-    assert verdict.detail == "example.org: active certificate is not the staged one (mod_md rejected the set?)"
+    assert verdict.detail == (f"example.org: activates serial {old.serial()}, "
+                              f"not the verified {batch[MD].certs[0].serial}")
     assert store.active(MD).fingerprint == old.fingerprint
 
 
@@ -251,7 +252,7 @@ async def test_probe_rejects_the_old_cert_and_names_the_probe(store_dir, tmp_pat
     assert not verdict.ok
     assert verdict.activated == frozenset({MD})
     assert verdict.detail == (
-        f"probe {address} ({MD}): serves serial {old.serial()}, expected {new.serial()}")
+        f"probe {address} ({MD}): serves serial {old.serial()}, not the verified {new.serial()}")
     assert len(server.sni_seen) > 1  # it kept probing until the deadline
 
 
