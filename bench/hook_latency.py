@@ -76,6 +76,7 @@ class Stack:
                 "verify_timeout_seconds": 1,
                 "probe": [],
                 "state_dir": str(self.dir / "state"),
+                "trust_anchors": [str(storefactory.ca_file(self.dir))],
                 "rate_burst": 1e9,             # no rate limit: every run makes the same call
             })
             self.log = (self.dir / "broker.log").open("wb")

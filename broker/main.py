@@ -8,6 +8,7 @@ import sys
 import time
 
 from . import __version__, config, log
+from .chain import TrustAnchors
 
 # The unit's RestartPreventExitStatus= names this: restarting cannot cure a broken config.
 EXIT_CONFIG = 2
@@ -51,13 +52,12 @@ def check_warnings(cfg: config.Config) -> list[str]:
     for key, argv in commands:
         if argv and not (os.path.isabs(argv[0]) and os.access(argv[0], os.X_OK)):
             warnings.append(f"{key}: {argv[0]} is not an executable program here (PATH {config.COMMAND_PATH})")
-    for anchor in cfg.trust_anchors:
-        if not os.path.isfile(anchor):
-            warnings.append(f"trust_anchors: {anchor} is not a file")
+    # trust_anchors is not here: the broker reads those files at start and refuses to start
+    # without them (a staged chain could never verify), so --check-config fails for them too.
     return warnings
 
 
-async def _serve(cfg: config.Config, bus_address: str | None) -> int:
+async def _serve(cfg: config.Config, bus_address: str | None, anchors: TrustAnchors) -> int:
     # Imported here so that --help and config errors need no D-Bus library.
     from . import dbuslib, names
     from .authz import Authorizer
@@ -80,8 +80,8 @@ async def _serve(cfg: config.Config, bus_address: str | None) -> int:
                                      cfg.command_timeout_seconds)
     # One clock for the whole core: the store's validity checks and the plan agree on "now".
     clock = time.time
-    engine = Engine(cfg, Store(cfg.md_store, clock=clock), restarter, StateFile(cfg.state_dir),
-                    clock=clock)
+    store = Store(cfg.md_store, clock=clock, anchors=anchors)
+    engine = Engine(cfg, store, restarter, StateFile(cfg.state_dir), clock=clock)
     service = ApacheRestartService(bus, engine, Authorizer(bus, cfg.polkit_timeout_seconds,
                                                            cfg.allow_interactive_authorization),
                                    cfg.max_in_flight)
@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         cfg = config.load(args.config)
+        # Read once: a file that cannot be read stops the start, not every later check.
+        anchors = TrustAnchors.load(cfg.trust_anchors)
     except config.ConfigError as e:
         if args.check_config:  # an admin at a terminal: plain text, no log priority prefix
             print(f"apache-restart-broker: configuration: {e}", file=sys.stderr)
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         log.warning("not running as root: restarting Apache and reading its store will likely fail")
     try:
-        return asyncio.run(_serve(cfg, args.bus_address))
+        return asyncio.run(_serve(cfg, args.bus_address, anchors))
     except KeyboardInterrupt:
         return 130
     except Exception as e:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .errors import BrokerError, NothingStaged
+from .errors import BrokerError, NothingStaged, StagingInvalid
 from .restart import config_test
 from .staging import CertSet, Store, validate_md_name
 from .text import safe
@@ -136,14 +136,25 @@ def _managed(store: Store, md: str) -> Step:
     return Step(f"managed {md}", True, f"names {', '.join(managed)}")
 
 
+_RENEWAL_FIX = "mod_md stages a new set at its next renewal; see its log"
+# Refusals that no new renewal cures: the admin has to act.
+_STAGED_FIX = {
+    "chain": "if you trust the CA that issued it, add its root certificate's PEM file to trust_anchors",
+    "not-managed": "the MD name is the first name of its MDomain line, lower case; "
+                   "Apache writes domains/<md>/md.json at its next start",
+    "store-key": "md_store.json in the store's root must be mod_md's own file, owned by root",
+}
+
+
 def _staged(store: Store, md: str, failed: dict[str, str]) -> Step:
     try:
         staged = store.check_staged(md)
     except NothingStaged:
         return Step(f"staged {md}", True, "nothing staged (nothing to activate now)")
+    except StagingInvalid as e:
+        return Step(f"staged {md}", False, f"refused: {e.message}", _STAGED_FIX.get(e.check, _RENEWAL_FIX))
     except BrokerError as e:
-        return Step(f"staged {md}", False, f"refused: {e.message}",
-                    "mod_md stages a new set at its next renewal; see its log")
+        return Step(f"staged {md}", False, f"refused: {e.message}", _RENEWAL_FIX)
     if failed.get(md) == staged.fingerprint:
         return Step(f"staged {md}", False, "valid, but a restart already failed to activate it",
                     f"after fixing the cause: apache-restart request {md}")

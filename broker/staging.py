@@ -36,14 +36,17 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Self
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from OpenSSL import crypto
 
+from .chain import TrustAnchors, verify_chain
 from .errors import InvalidName, NothingStaged, StagingInvalid
+from .privkey import MAX_KEY_PEM_BYTES, MAX_STORE_JSON_BYTES, check_key, passphrase_from_store_json
 
 
 @dataclass(frozen=True)
@@ -71,14 +74,24 @@ MAX_NAME_LEN = 253
 # A job.json untouched for this long belongs to a renewal mod_md is not working on now.
 RENEWAL_ACTIVE_SECONDS = 300.0
 MAX_LABEL_LEN = 63
-MAX_PEM_BYTES = 256 * 1024       # a pubcert*.pem or privkey*.pem
-MAX_JSON_BYTES = 1024 * 1024     # md.json, job.json
+# Caps on what www-data can write, checked before anything is parsed, so that one check costs a
+# few milliseconds of CPU whatever the files hold (bench/staging_check.py).
+# A Let's Encrypt chain with 100 names of 253 characters is about 40 KB of PEM.
+MAX_PEM_BYTES = 64 * 1024        # a pubcert*.pem
+MAX_JSON_BYTES = 256 * 1024      # md.json, job.json (mod_md keeps a bounded job log)
 MAX_CHAIN_CERTS = 10             # certificates in one pubcert*.pem
+MAX_SANS = 250                   # subjectAltNames of a leaf: Let's Encrypt issues at most 100
 MAX_KEY_SPECS = 8                # key types of one MD
 MAX_MD_DOMAINS = 1000            # names of one MD
 MAX_CURVE_LEN = 64
 
 _LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+# validate_md_name's rules as one pattern, for the up to MAX_MD_DOMAINS names of an md.json
+# (a loop over labels per name costs a millisecond per thousand names more). Labels are
+# separated by dots, so matching is linear in the name's length.
+_DNS_NAME_RE = re.compile(r"(?:\*\.)?(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+# Only these can be IP addresses; everything else skips ipaddress's slower parse.
+_IP_CHARS_RE = re.compile(r"[0-9a-fA-F.:]+")
 _CURVE_RE = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_CURVE_LEN}}}")
 # A block counts only where its BEGIN line starts a line, as for OpenSSL (so mod_md).
 _PEM_CERT_RE = re.compile(
@@ -127,7 +140,7 @@ def validate_md_name(name: str) -> None:
                 "labels of the MD name may hold only a-z, 0-9 and '-', not at their start or end")
 
 
-def name_covered(name: str, sans: tuple[str, ...] | list[str] | set[str]) -> bool:
+def name_covered(name: str, sans: Container[str]) -> bool:
     """Whether a certificate with these DNS subjectAltNames (lower case) covers `name`.
 
     As TLS does it: an exact match, or a SAN "*.<rest>" for a name of exactly one more,
@@ -174,7 +187,9 @@ def _fingerprint(sha256s: list[str] | tuple[str, ...]) -> str:
 
 class _Loaded(NamedTuple):
     info: CertInfo
-    ip_sans: tuple[str, ...]
+    ip_sans: frozenset[str]
+    dns_sans: frozenset[str]                # lower case, for matching in linear time
+    chain: tuple[x509.Certificate, ...]     # the leaf, then the rest of the file
     mtime: float
 
 
@@ -270,9 +285,10 @@ def _parse_md_json(data: bytes, md: str, rel: str) -> _MdJson:
         raise StagingInvalid("md-json", f"{rel} has no list of domains")
     if len(domains) > MAX_MD_DOMAINS:
         raise StagingInvalid("md-json", f"{rel} lists more than {MAX_MD_DOMAINS} domains")
-    for d in domains:
-        if not isinstance(d, str) or not d or len(d) > MAX_NAME_LEN or not d.isascii():
-            raise StagingInvalid("md-json", f"{rel} lists an invalid domain")
+    for i, d in enumerate(domains, 1):
+        if not isinstance(d, str) or not _valid_domain(d):
+            # Not echoed: it may hold anything, control characters included.
+            raise StagingInvalid("domain-name", f"{rel}: domain {i} is not a DNS name, wildcard or IP address")
     pk = obj.get("privkey")
     if pk is None:
         raw_specs: list[Any] = []
@@ -307,6 +323,25 @@ def _parse_md_json(data: bytes, md: str, rel: str) -> _MdJson:
     return _MdJson(tuple(domains), tuple(specs))
 
 
+def _valid_domain(name: str) -> bool:
+    """A DNS name (any case), a "*." wildcard or an IP address, as mod_md takes them."""
+    if not name.isascii() or not name.isprintable() or "%" in name:
+        return False
+    if len(name) <= MAX_NAME_LEN and _DNS_NAME_RE.fullmatch(name.lower()):
+        return True
+    return _ip_address(name) is not None
+
+
+def _ip_address(name: str) -> str | None:
+    """`name`'s IP address in ipaddress's normal form, None when it is none."""
+    if not _IP_CHARS_RE.fullmatch(name):
+        return None
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        return None
+
+
 def _load_cert(data: bytes, st: os.stat_result, spec: _KeySpec, rel: str) -> _Loaded:
     """The leaf of a pubcert*.pem; every certificate of the chain must parse."""
     count = data.count(_PEM_BEGIN_CERT)
@@ -327,10 +362,12 @@ def _load_cert(data: bytes, st: os.stat_result, spec: _KeySpec, rel: str) -> _Lo
         issuer = leaf.issuer.rfc4514_string()
         try:
             san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            dns = tuple(san.get_values_for_type(x509.DNSName))
-            ips = tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
         except x509.ExtensionNotFound:
-            dns, ips = (), ()
+            san = None
+        if san is not None and len(san) > MAX_SANS:
+            raise StagingInvalid("too-many-names", f"{rel}: the leaf has more than {MAX_SANS} subjectAltNames")
+        dns = tuple(san.get_values_for_type(x509.DNSName)) if san is not None else ()
+        ips = frozenset(str(ip) for ip in san.get_values_for_type(x509.IPAddress)) if san is not None else frozenset()
         info = CertInfo(
             key_type=spec.key_type,
             file=spec.pubcert,
@@ -345,23 +382,25 @@ def _load_cert(data: bytes, st: os.stat_result, spec: _KeySpec, rel: str) -> _Lo
         raise
     except Exception:
         raise StagingInvalid("cert-parse", f"{rel} holds a certificate that does not parse") from None
-    return _Loaded(info, ips, st.st_mtime)
+    return _Loaded(info, ips, frozenset(n.lower() for n in dns), tuple(certs), st.st_mtime)
 
 
 def _covers(name: str, loaded: _Loaded) -> bool:
-    try:
-        ip = ipaddress.ip_address(name)
-    except ValueError:
-        return name_covered(name, {n.lower() for n in loaded.info.names})
-    return str(ip) in loaded.ip_sans
+    ip = _ip_address(name)
+    if ip is None:
+        return name_covered(name, loaded.dns_sans)
+    return ip in loaded.ip_sans
 
 
 class Store:
     """Read-only view of mod_md's store at `root` (MDStoreDir)."""
 
-    def __init__(self, root: str, clock: Callable[[], float] = time.time):
+    def __init__(self, root: str, clock: Callable[[], float] = time.time,
+                 anchors: TrustAnchors | None = None):
         self.root = root
         self.clock = clock
+        # None: no staged set can verify (fail closed); the broker loads them from its config.
+        self.anchors = anchors
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -428,8 +467,45 @@ class Store:
 
     # -- public API ----------------------------------------------------------------------
 
+    def _managed_md_json(self, fds: _Fds, root: int, md: str) -> _MdJson | None:
+        """domains/<md>/md.json when mod_md manages `md`, else None.
+
+        Apache's parent (root) writes it at every start for each configured MD, even before the
+        first certificate; mod_md never activates a staged set without it. So it, not the
+        staged copy www-data can write, says whether the MD exists and what its names and key
+        types are. Anything but a root-owned regular file there counts as "not managed".
+        """
+        rel = f"domains/{md}/md.json"
+        try:
+            dfd = self._md_dir(fds, root, "domains", md)
+            got = None if dfd is None else _read_file(dfd, "md.json", rel, MAX_JSON_BYTES)
+        except StagingInvalid as e:
+            if e.check in ("not-directory", "not-regular-file"):
+                return None
+            raise
+        if got is None or got[1].st_uid != 0:
+            return None
+        return _parse_md_json(got[0], md, rel)
+
+    @staticmethod
+    def _passphrase(root: int) -> bytes:
+        """The staged keys' passphrase, from the root-owned md_store.json."""
+        try:
+            got = _read_file(root, "md_store.json", "md_store.json", MAX_STORE_JSON_BYTES)
+        except StagingInvalid as e:
+            raise StagingInvalid("store-key", e.message.partition(": ")[2]) from None
+        if got is None:
+            raise StagingInvalid("store-key", "md_store.json is missing")
+        if got[1].st_uid != 0:
+            raise StagingInvalid("store-key", "md_store.json is not owned by root")
+        return passphrase_from_store_json(got[0])
+
     def check_staged(self, md: str) -> CertSet:
-        """The staged set of `md`, verified; raises InvalidName, NothingStaged, StagingInvalid."""
+        """The staged set of `md`, verified; raises InvalidName, NothingStaged, StagingInvalid.
+
+        Cheap checks come first; the chain is verified before a key is decrypted, and both only
+        after every size and count is known to be within its cap.
+        """
         validate_md_name(md)
         nothing = NothingStaged(f"no certificate set is staged for {md}")
         with _Fds() as fds:
@@ -437,14 +513,14 @@ class Store:
             if opened is None:
                 raise nothing
             root, sfd = opened
-            domains_fd = self._md_dir(fds, root, "domains", md)
-            domains_mdj = self._md_json(domains_fd, "domains", md)
-            # mod_md activates nothing without staging/<md>/md.json. It is untrusted: its names
-            # and key types count only when domains/<md>/md.json is absent.
-            staging_mdj = self._md_json(sfd, "staging", md)
-            if staging_mdj is None:
+            # mod_md activates nothing without staging/<md>/md.json; its content is never used.
+            if _read_file(sfd, "md.json", f"staging/{md}/md.json", MAX_JSON_BYTES) is None:
                 raise nothing
-            mdj = domains_mdj or staging_mdj
+            mdj = self._managed_md_json(fds, root, md)
+            if mdj is None:
+                raise StagingInvalid("not-managed", f"{md} is not an MD that mod_md manages here "
+                                     f"(domains/{md}/md.json is not a root-owned file)")
+            domains_fd = self._md_dir(fds, root, "domains", md)
 
             # Complete: every configured key type has its pubcert file.
             loaded: list[_Loaded | None] = []
@@ -462,8 +538,7 @@ class Store:
 
             self._check_job(sfd, md)
 
-            for spec in mdj.specs:
-                self._check_privkey(sfd, md, spec)
+            keys = [self._read_privkey(sfd, md, spec) for spec in mdj.specs]
 
             now = self.clock()
             for item in certs:
@@ -483,6 +558,14 @@ class Store:
                 if self._active_leaf_sha256(domains_fd, md, spec) == item.info.sha256:
                     raise StagingInvalid(
                         "same-as-active", f"staging/{md}/{spec.pubcert} is the active certificate")
+
+            for item in certs:
+                verify_chain(self.anchors, item.chain, now, f"staging/{md}/{item.info.file}")
+
+            passphrase = self._passphrase(root)
+            for spec, item, key in zip(mdj.specs, certs, keys):
+                check_key(key, passphrase, crypto.X509.from_cryptography(item.chain[0]),
+                          f"staging/{md}/{spec.privkey}")
 
             return self._make_set(md, mdj, certs)
 
@@ -525,23 +608,25 @@ class Store:
         raise StagingInvalid("job-errors", f"{rel} shows that mod_md's last run for {md} failed")
 
     @staticmethod
-    def _check_privkey(sfd: int, md: str, spec: _KeySpec) -> None:
-        """The key file exists as a regular file and holds a PEM private key (not decrypted)."""
+    def _read_privkey(sfd: int, md: str, spec: _KeySpec) -> bytes:
+        """The key file's content: a regular file holding a PEM private key (decrypted later)."""
         rel = f"staging/{md}/{spec.privkey}"
         try:
-            got = _read_file(sfd, spec.privkey, rel, MAX_PEM_BYTES)
+            got = _read_file(sfd, spec.privkey, rel, MAX_KEY_PEM_BYTES)
         except StagingInvalid as e:
             if e.check == "not-regular-file":
-                raise StagingInvalid("key-file", f"{rel} is not a regular file") from None
+                raise StagingInvalid("key-file", e.message.partition(": ")[2]) from None
             raise
         if got is None:
             raise StagingInvalid("key-file", f"{rel} is missing (key type {spec.key_type})")
         data = got[0]
         if b"-----BEGIN " not in data or b"PRIVATE KEY-----" not in data:
             raise StagingInvalid("key-file", f"{rel} does not hold a PEM private key")
+        return data
 
     def staged_fingerprint(self, md: str) -> str | None:
-        """Fingerprint of the complete set staged now, None when none is (no validity checks).
+        """Fingerprint of the complete set staged now, None when none is or the MD is not managed
+        (no validity checks).
 
         Raises InvalidName, and StagingInvalid for hostile content (symlinks, FIFOs, huge or
         unparsable files).
@@ -552,10 +637,8 @@ class Store:
             if opened is None:
                 return None
             root, sfd = opened
-            mdj = self._md_json(self._md_dir(fds, root, "domains", md), "domains", md)
-            if mdj is None:
-                mdj = self._md_json(sfd, "staging", md)
-            if mdj is None:
+            mdj = self._managed_md_json(fds, root, md)
+            if mdj is None or _read_file(sfd, "md.json", f"staging/{md}/md.json", MAX_JSON_BYTES) is None:
                 return None
             sha256s = []
             for spec in mdj.specs:
@@ -646,13 +729,14 @@ class Store:
 
     def managed_names(self, md: str) -> tuple[str, ...] | None:
         """`md`'s names from the root-owned domains/<md>/md.json; None when it has none, i.e.
-        this Apache does not manage the MD (mod_md writes it at every start)."""
+        this Apache does not manage the MD (mod_md writes it at every start). The same test
+        as check_staged's, so that the self-test and a request agree."""
         validate_md_name(md)
         with _Fds() as fds:
             root = self._open_root(fds)
             if root is None:
                 return None
-            mdj = self._md_json(self._md_dir(fds, root, "domains", md), "domains", md)
+            mdj = self._managed_md_json(fds, root, md)
             return None if mdj is None else tuple(mdj.names)
 
     def list_mds(self) -> list[str]:

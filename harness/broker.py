@@ -155,6 +155,7 @@ class BrokerHarness:
         self.state_dir = self.dir / "state"
         self.graceful_log = self.dir / "gracefuls.log"
         self.graceful_script = self.dir / "graceful-counter"
+        self.trust_anchors = self.dir / "trust-anchors.pem"
         self.watcher: BusWatcher | None = None
 
     # -- which node ----------------------------------------------------------------------------
@@ -200,6 +201,9 @@ class BrokerHarness:
             "probe": [self.https_address] if o.probe else [],
             "state_dir": str(self.state_dir),
             "command_timeout_seconds": 30.0,
+            # pebble's root alone (new at each start): its chains must verify up to it through
+            # the intermediate that mod_md stages with the leaf.
+            "trust_anchors": [str(self.trust_anchors)],
         }
         values.update(o.extra)
         return values
@@ -211,6 +215,10 @@ class BrokerHarness:
             write_file(self.graceful_log, "")
             script = GRACEFUL_COUNTER.format(log=shlex.quote(str(self.graceful_log)))
             write_file(self.graceful_script, script, mode=0o755)
+        pebble = self.stack.pebble
+        if pebble is None:
+            raise HarnessError("the broker's trust anchors are pebble's roots (start pebble first)")
+        write_file(self.trust_anchors, pebble.root_pem())
         header = "# Written by the apache-restart-broker test harness."
         return write_file(self.config_path, busutil.config_text(self.config_values(), header))
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from broker import config, dbuslib, names
 from broker.dbuslib import Message, MessageType
+from . import storefactory
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -156,6 +157,8 @@ def fake_apache_config(store: Path, control: Path, pid_file: Path, state_dir: Pa
         "verify_timeout_seconds": 2,
         "probe": [],
         "state_dir": str(state_dir),
+        # The test CA that harness/storefactory.py signs with, in this process.
+        "trust_anchors": [str(storefactory.ca_file(store.parent))],
         **(overrides or {}),
     }
 

@@ -121,27 +121,32 @@ class CA:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
 
-def make_ca(common_name: str = "storefactory test CA") -> CA:
-    """A self-signed CA with an EC P-256 key, valid from a year ago for ten years."""
+def make_ca(common_name: str = "storefactory test CA", *,
+            not_before: datetime.datetime | float | None = None,
+            not_after: datetime.datetime | float | None = None,
+            issuer: CA | None = None, is_ca: bool = True) -> CA:
+    """A CA with an EC P-256 key, valid from a year ago (or `not_before`) for ten years (or until `not_after`):
+    self-signed, or an intermediate signed by `issuer`; `is_ca=False` makes a certificate that
+    claims no CA rights (basicConstraints CA:FALSE) but signs anyway."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = _now()
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
-        .issuer_name(subject)
+        .issuer_name(issuer.cert.subject if issuer else subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=365))
-        .not_valid_after(now + datetime.timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .not_valid_before(_utc(not_before, now - datetime.timedelta(days=365)))
+        .not_valid_after(_utc(not_after, now + datetime.timedelta(days=3650)))
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                           data_encipherment=False, key_agreement=False, key_cert_sign=True,
                           crl_sign=True, encipher_only=False, decipher_only=False),
             critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
+        .sign(issuer.key if issuer else key, hashes.SHA256())
     )
     return CA(common_name, key, cert)
 
@@ -149,6 +154,19 @@ def make_ca(common_name: str = "storefactory test CA") -> CA:
 @functools.cache
 def default_ca() -> CA:
     return make_ca()
+
+
+def ca_file(directory: Path | str, *cas: CA) -> Path:
+    """A PEM file of `cas` (default: the default CA) for the broker's `trust_anchors`."""
+    path = Path(directory) / "trust-anchors.pem"
+    _write(path, b"".join(ca.pem for ca in (cas or (default_ca(),))), 0o644)
+    return path
+
+
+def anchors(*cas: CA) -> Any:
+    """broker.chain.TrustAnchors of `cas` (default: the default CA), for a Store in tests."""
+    from broker.chain import TrustAnchors
+    return TrustAnchors.from_pem(b"".join(ca.pem for ca in (cas or (default_ca(),))))
 
 
 @dataclass(frozen=True)
@@ -184,8 +202,10 @@ def issue(
     serial: int | None = None,
     key: PrivateKey | None = None,
     common_name: str | None = None,
+    self_signed: bool = False,
 ) -> Issued:
-    """A leaf certificate for `names` (DNS names, or IP addresses) signed by `ca`.
+    """A leaf certificate for `names` (DNS names, or IP addresses) signed by `ca` (or by its own
+    key, with `self_signed`).
 
     Defaults: the default CA, the cached key of `key_type`, valid from an hour ago for 90 days,
     a random serial.
@@ -206,7 +226,7 @@ def issue(
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
-        .issuer_name(ca.cert.subject)
+        .issuer_name(subject if self_signed else ca.cert.subject)
         .public_key(key.public_key())
         .serial_number(serial if serial is not None else x509.random_serial_number())
         .not_valid_before(nb)
@@ -216,8 +236,8 @@ def issue(
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    cert = builder.sign(ca.key, hashes.SHA256())
-    chain = cert.public_bytes(serialization.Encoding.PEM) + ca.pem
+    cert = builder.sign(key if self_signed else ca.key, hashes.SHA256())
+    chain = cert.public_bytes(serialization.Encoding.PEM) + (b"" if self_signed else ca.pem)
     return Issued(
         key_type=key_type,
         cert=cert,
@@ -226,6 +246,25 @@ def issue(
         sha256=cert.fingerprint(hashes.SHA256()).hex(),
         serial=format(cert.serial_number, "x"),
     )
+
+
+def short_names(count: int) -> list[str]:
+    """`count` distinct DNS names of one to three characters (base 36): the most
+    subjectAltNames per byte, e.g. the 29,000 of the hostile leaf in well under 256 KB of PEM."""
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    names: list[str] = []
+    width = 1
+    while len(names) < count:
+        for i in range(len(digits) ** width):
+            if len(names) == count:
+                break
+            n, label = i, ""
+            for _ in range(width):
+                n, r = divmod(n, len(digits))
+                label = digits[r] + label
+            names.append(label)
+        width += 1
+    return names
 
 
 def fingerprint_of(sha256s: list[str] | tuple[str, ...]) -> str:
@@ -373,6 +412,7 @@ def _write_set(
     file_mode: int,
     keys: dict[str, PrivateKey] | None,
     skip_files: tuple[str, ...],
+    self_signed: bool = False,
 ) -> SetInfo:
     set_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(set_dir, dir_mode)
@@ -381,7 +421,8 @@ def _write_set(
     certs: dict[str, Issued] = {}
     for kt in key_types:
         issued = issue(list(cert_names if cert_names is not None else names), kt, ca=ca,
-                       not_before=valid_from, not_after=valid_until, key=(keys or {}).get(kt))
+                       not_before=valid_from, not_after=valid_until, key=(keys or {}).get(kt),
+                       self_signed=self_signed)
         certs[kt] = issued
         if privkey_name(kt) not in skip_files:
             _write(set_dir / privkey_name(kt), key_pem(issued.key, passphrase), file_mode)
@@ -442,6 +483,8 @@ def add_staged(
     write_md_json: bool = True,
     keys: dict[str, PrivateKey] | None = None,
     skip_files: tuple[str, ...] = (),
+    self_signed: bool = False,
+    managed: bool = True,
 ) -> SetInfo:
     """Write a staged set staging/<md>/ as mod_md leaves it before the `renewed` message.
 
@@ -449,7 +492,9 @@ def add_staged(
     (None: no job.json). `cert_names`
     are the certificate's SANs (default: `names`). `skip_files` names files not to write
     (e.g. "pubcert.secp256r1.pem" for an incomplete set). Staged keys are encrypted with the
-    store's passphrase, as mod_md does.
+    store's passphrase, as mod_md does. `managed` (the default) also writes domains/<md>/md.json
+    when there is none, as Apache's parent does at every start for each configured MD; without
+    it the MD is unknown to mod_md. `self_signed` leaves have no CA (chain = the leaf alone).
     """
     store = Path(store)
     names_t = tuple(names or [md])
@@ -462,7 +507,13 @@ def add_staged(
                       valid_from=_either(valid_from, not_before),
                       valid_until=_either(valid_until, not_after), ca=ca,
                       passphrase=store_passphrase(store), md_json_obj=obj, dir_mode=0o755,
-                      file_mode=0o644, keys=keys, skip_files=skip_files)
+                      file_mode=0o644, keys=keys, skip_files=skip_files, self_signed=self_signed)
+    managed_json = store / "domains" / md / "md.json"
+    if managed and not managed_json.exists():
+        managed_json.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        managed_obj = md_json_obj if md_json_obj is not None else md_json(
+            md, names_t, key_types_t, explicit_privkey=explicit_privkey)
+        _write(managed_json, json.dumps(managed_obj, indent=2), 0o600)
     if job is not None:
         write_job(store, md, job)
     return info

@@ -27,6 +27,9 @@ import pytest
 
 from harness import CertInfo, Stack, marked_pids, running_stack
 from harness.broker import BusWatcher, hook_lines
+from broker.chain import TrustAnchors
+from broker.errors import StagingInvalid
+from broker.staging import Store
 from harness.procs import wait_for
 from harness import storefactory
 
@@ -555,36 +558,50 @@ def swap_staged_key(apache: Any, md: str) -> None:
     os.replace(tmp, path)
 
 
-def test_a_set_mod_md_will_not_activate(start_stack: Callable[..., Stack]) -> None:
+def test_a_swapped_staged_key_is_refused_before_any_restart(start_stack: Callable[..., Stack]) -> None:
     stack = start_with_broker_down(start_stack)
     broker, apache = stack.broker, stack.apache
     assert broker is not None and apache is not None
     staged = apache.wait_staged(MD, timeout=FIRST_CERT_TIMEOUT, notified=False)
     wait_failed_hook(stack, 1, 15)
-    # The certificate no longer matches its key: mod_md refuses the set at the restart (and
-    # purges it); the broker cannot know before, it only checks that a key is there.
+    # mod_md's real set passes the broker's checks as they are: its chain verifies to pebble's
+    # root (the broker's only trust anchor here) and its key, which mod_md encrypted with the
+    # store's key from md_store.json, decrypts and matches the leaf.
+    store = Store(str(apache.store_dir), anchors=TrustAnchors.load([str(broker.trust_anchors)]))
+    assert store.check_staged(MD).certs[0].serial == format(staged.serial, "x")
+    key_file = apache.staging_dir(MD) / "privkey.pem"
+    real_key = key_file.read_bytes()
+    # Another key, encrypted as mod_md writes it: mod_md would purge the set at the restart (and
+    # keep serving the old certificate); the broker refuses it before restarting.
     swap_staged_key(apache, MD)
+    with pytest.raises(StagingInvalid) as refused:
+        store.check_staged(MD)
+    assert refused.value.check == "key-mismatch"
     fallback = served(stack)
     assert is_fallback(fallback)
 
     broker.start()
-    failed = watcher(stack).restart_finished(30)
-    assert failed.values["ok"] is False and failed.values["names"] == [MD], failed.values
-    detail = failed.values["detail"]
-    # The verification found the set not active (mod_md refused it at the restart).
-    assert detail.startswith(f"{MD}: ") and "active" in detail, detail
-    assert watcher(stack).properties()["LastResult"] == "failed: " + detail
-    assert len(broker.gracefuls()) == 1
-    assert served(stack).serial != staged.serial  # type: ignore[union-attr]
-    bad = format(staged.serial, "x")
-    # mod_md then orders a new set, and the broker activates that one; the refused set is never
-    # restarted for again.
+    # mod_md calls the hook again; the broker refuses, and the hook reports it as delivered.
+    refusal = wait_for(
+        lambda: [h.text for h in hook_lines(apache.error_log)
+                 if h.reason == "renewed" and h.md == MD and "StagingInvalid: key-mismatch" in h.text],
+        40, "the hook's refusal line", interval=0.1)
+    assert refusal and "not retried" in refusal[0], refusal
+    assert broker.gracefuls() == []
+    assert watcher(stack).properties()["Pending"] is False
+    assert served(stack).serial == fallback.serial  # type: ignore[union-attr]
+
+    # With mod_md's own key back, root's request activates exactly that set.
+    st = key_file.stat()
+    swap = key_file.with_name("privkey.pem.back")
+    swap.write_bytes(real_key)
+    os.chown(swap, st.st_uid, st.st_gid)
+    os.chmod(swap, st.st_mode & 0o777)
+    os.replace(swap, key_file)
     mark = watcher(stack).snapshot()
+    watcher(stack).request(MD)
     cert, _ = wait_served_change(stack, fallback.serial, 30)  # type: ignore[union-attr]
-    assert cert.serial != staged.serial
+    assert cert.serial == staged.serial
     assert_from_pebble(stack, cert)
-    ok = finished_after(stack, mark, 15)
-    assert ok.values["ok"] is True
-    time.sleep(2.0)
-    assert requested_serials(stack, MD) == [bad, format(cert.serial, "x")]
-    assert len(broker.gracefuls()) == 2
+    assert finished_after(stack, mark, 15).values["ok"] is True
+    assert len(broker.gracefuls()) == 1

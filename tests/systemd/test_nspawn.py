@@ -83,8 +83,10 @@ def system(booted: nspawn.Container) -> Iterator[System]:
     assert r.returncode == 0, output
 
     t0 = time.monotonic()
+    # The staged sets below are signed by storefactory's test CA: the broker must trust it.
+    anchors = storefactory.ca_file(c.path("/etc"))
     with open(c.path("/etc/apache-restart-broker.toml"), "a") as f:
-        f.write(BROKER_CONFIG)
+        f.write(BROKER_CONFIG + f'trust_anchors = ["/etc/{anchors.name}"]\n')
     tmp = Path(tempfile.mkdtemp(prefix="arb-systemd-"))
     try:
         store = storefactory.make_store(tmp)

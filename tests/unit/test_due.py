@@ -65,7 +65,7 @@ def test_new_and_odd_mds_count_as_due_and_unmanaged_ones_do_not(tmp_path):
     storefactory.add_active(store, "odd.example.test", not_before=now - 3600, not_after=now + 90 * DAY,
                             md_json_obj=storefactory.md_json("odd.example.test", **{"renew-window": "soon"}))
     # Only under staging/: not managed by this Apache, never renewed by it.
-    storefactory.add_staged(store, "stray.example.test")
+    storefactory.add_staged(store, "stray.example.test", managed=False)
     assert others_due(Store(str(store)), [], now) == ["new.example.test", "odd.example.test"]
 
 

@@ -47,7 +47,8 @@ def make_engine(tmp_path, store, apache, clock, **cfg):
                            "verify_timeout_seconds": 0, **cfg})
     finished = []
     # The store keeps the real clock: the files' mtimes it compares with are real.
-    engine = Engine(config, Store(str(store)), apache, StateFile(str(tmp_path / "state")), clock=clock)
+    engine = Engine(config, Store(str(store), anchors=storefactory.anchors()), apache,
+                    StateFile(str(tmp_path / "state")), clock=clock)
     engine.on_restart_finished = lambda ok, detail, names: finished.append((ok, detail, names))
     return engine, finished
 
@@ -313,3 +314,16 @@ async def test_no_quiet_wait_when_no_other_md_is_due(tmp_path, store):
     clock.t += 1.5
     await engine2.poll_mod_md()
     assert engine2.planned_at_usec <= int(clock.t * 1_000_000)
+
+
+async def test_an_invented_md_gets_no_restart(tmp_path, store):
+    """An MD mod_md does not manage (no root-owned domains/<md>/md.json) with a complete staged
+    set: once this meant a restart every min_interval; now nothing is scheduled."""
+    storefactory.add_staged(store, "invented.example.org", managed=False)
+    apache = FakeApache(store)
+    engine, finished = make_engine(tmp_path, store, apache, Clock())
+    with pytest.raises(StagingInvalid) as ei:
+        await engine.request("invented.example.org", caller_uid=33)
+    assert ei.value.check == "not-managed"
+    assert await engine.check_all() == ([], 0)
+    assert not engine.pending and apache.restarts == 0

@@ -8,6 +8,7 @@ import pytest
 
 import broker
 from broker import config, main
+from harness import storefactory
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,8 +22,7 @@ def _run(*args: str, module: str = "broker.main") -> subprocess.CompletedProcess
 def test_check_config_accepts_a_good_file_without_starting(tmp_path):
     store = tmp_path / "md"
     store.mkdir()
-    anchor = tmp_path / "ca.pem"
-    anchor.write_text("")
+    anchor = storefactory.ca_file(tmp_path)
     path = tmp_path / "broker.toml"
     path.write_text(f'md_store = "{store}"\nsettle_seconds = 10\nprobe = ["127.0.0.1:443"]\n'
                     f'restart_via = "systemd"\nconfigtest_command = ["{sys.executable}", "-V"]\n'
@@ -37,7 +37,8 @@ def test_check_config_accepts_a_good_file_without_starting(tmp_path):
 def test_check_config_warns_about_what_the_host_lacks(tmp_path):
     path = tmp_path / "broker.toml"
     path.write_text(f'md_store = "{tmp_path}/no-store"\nconfigtest_command = ["/nonexistent/apachectl", "-t"]\n'
-                    f'graceful_command = ["{sys.executable}", "-V"]\ntrust_anchors = ["{tmp_path}/no-ca.pem"]\n')
+                    f'graceful_command = ["{sys.executable}", "-V"]\n'
+                    f'trust_anchors = ["{storefactory.ca_file(tmp_path)}"]\n')
     done = _run("--check-config", "--config", str(path))
     assert done.returncode == 0, done.stderr  # valid: the broker would start
     assert done.stderr.splitlines() == [
@@ -45,8 +46,21 @@ def test_check_config_warns_about_what_the_host_lacks(tmp_path):
         "nothing will be found to activate",
         "apache-restart-broker: warning: configtest_command: /nonexistent/apachectl is not an executable "
         f"program here (PATH {config.COMMAND_PATH})",
-        f"apache-restart-broker: warning: trust_anchors: {tmp_path}/no-ca.pem is not a file",
     ]
+
+
+@pytest.mark.parametrize("content,why", [(None, "cannot read it"), ("", "holds no PEM certificate")])
+def test_check_config_fails_for_trust_anchors_the_broker_could_not_start_with(tmp_path, content, why):
+    """The broker reads its trust anchors at start and stops without them: so does the check."""
+    anchor = tmp_path / "ca.pem"
+    if content is not None:
+        anchor.write_text(content)
+    path = tmp_path / "broker.toml"
+    path.write_text(f'trust_anchors = ["{anchor}"]\n')
+    done = _run("--check-config", "--config", str(path))
+    assert done.returncode == main.EXIT_CONFIG
+    assert done.stdout == ""
+    assert done.stderr.startswith(f"apache-restart-broker: configuration: trust_anchors: {anchor}: {why}")
 
 
 def test_check_config_names_the_typo_and_exits_non_zero(tmp_path):

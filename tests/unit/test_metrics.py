@@ -49,8 +49,8 @@ async def test_every_event_and_check_rewrites_the_file(tmp_path):
     async def verifier(st, batch, probes, timeout):
         return Verdict(True, frozenset(batch), "1 MD active and served")
 
-    engine = Engine(cfg, Store(str(store)), FakeApache(store), StateFile(str(tmp_path / "state")),
-                    clock=clock, prober=prober, verifier=verifier)
+    engine = Engine(cfg, Store(str(store), anchors=storefactory.anchors()), FakeApache(store),
+                    StateFile(str(tmp_path / "state")), clock=clock, prober=prober, verifier=verifier)
     assert not path.exists()
     await engine.request(MD, caller_uid=33)
     got = samples(path)

@@ -25,7 +25,8 @@ def by_step(steps):
 
 async def run(store: Path, md: str = MD, failed=None, configtest=(), probes=(), served=None, running=None):
     kw = {"served": served} if served else {}
-    return await selftest.run(str(store), Store(str(store)), md, failed or {}, configtest, 10.0, probes,
+    store_view = Store(str(store), anchors=storefactory.anchors())
+    return await selftest.run(str(store), store_view, md, failed or {}, configtest, 10.0, probes,
                               running, **kw)
 
 
@@ -58,8 +59,7 @@ async def test_each_failure_names_what_to_fix(tmp_path):
 
     steps = by_step(await run(store, configtest=FAILING_CONFIGTEST, probes=("127.0.0.1:443",), served=served,
                               running=lambda: (False, "no live process is named in /run/apache2/apache2.pid")))
-    managed = steps[f"managed {MD}"]
-    assert not managed.ok and "not an MDomain of this Apache" in managed.detail and "MDomain line" in managed.fix
+    assert steps[f"managed {MD}"].ok
     staged = steps[f"staged {MD}"]
     assert not staged.ok and staged.detail.startswith("refused: expired")
     assert not steps["apache running"].ok and steps["apache running"].fix.startswith("start Apache")
@@ -67,6 +67,22 @@ async def test_each_failure_names_what_to_fix(tmp_path):
     assert not config.ok and "AH00526" in config.detail and config.fix.startswith(f"run {sys.executable}")
     (probe,) = [s for s in steps.values() if s.step.startswith("probe ")]
     assert not probe.ok and probe.detail.startswith("no certificate: TLS error")
+
+
+async def test_an_unmanaged_md_and_an_untrusted_ca_say_what_to_fix(tmp_path):
+    store = storefactory.make_store(tmp_path)
+    storefactory.add_staged(store, MD, [MD], managed=False)
+    steps = by_step(await run(store))
+    managed = steps[f"managed {MD}"]
+    assert not managed.ok and "not an MDomain of this Apache" in managed.detail and "MDomain line" in managed.fix
+    staged = steps[f"staged {MD}"]
+    assert not staged.ok and staged.detail.startswith("refused: ") and "MDomain line" in staged.fix
+
+    other = "other.example.test"
+    storefactory.add_staged(store, other, [other], ca=storefactory.make_ca("a CA nobody configured"))
+    staged = by_step(await run(store, md=other))[f"staged {other}"]
+    assert not staged.ok and "does not verify to a trust anchor" in staged.detail
+    assert "trust_anchors" in staged.fix
 
 
 async def test_a_set_that_failed_before_and_another_certificate_served(tmp_path):
@@ -140,7 +156,8 @@ async def test_store_reads_stay_off_the_event_loop(tmp_path):
         seen.append(("apache_running", threading.get_ident() == loop_thread))
         return True, "pid 1"
 
-    steps = await selftest.run(str(store), WatchedStore(str(store)), MD, {}, (), 10.0, (), running)
+    steps = await selftest.run(str(store), WatchedStore(str(store), anchors=storefactory.anchors()), MD, {}, (), 10.0,
+                               (), running)
     assert all(s.ok for s in steps), steps
     assert {name for name, _ in seen} == {"list_mds", "managed_names", "check_staged", "active", "apache_running"}
     assert not any(on_loop for _, on_loop in seen), seen

@@ -150,7 +150,7 @@ def make_engine(tmp_path, store, node, clock=None, **cfg):
         ok = all(node.serving.sha256 in {c.sha256 for c in s.certs} for s in batch.values())
         return Verdict(ok, frozenset(batch), "verified" if ok else "served the old one")
 
-    return Engine(config, Store(str(store)), node, StateFile(str(tmp_path / "state")),
+    return Engine(config, Store(str(store), anchors=storefactory.anchors()), node, StateFile(str(tmp_path / "state")),
                   clock=clock or (lambda: 1_800_000_000.0), verifier=verifier, prober=node.probe)
 
 

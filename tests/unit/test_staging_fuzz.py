@@ -18,9 +18,12 @@ The example-based cases live in test_staging.py.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
@@ -41,8 +44,11 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from broker.errors import InvalidName, NothingStaged, StagingInvalid
+from broker.config import from_mapping
+from broker.engine import Engine
+from broker.errors import BrokerError, InvalidName, NothingStaged, StagingInvalid
 from broker.staging import MAX_JSON_BYTES, MAX_NAME_LEN, MAX_PEM_BYTES, CertSet, Store, validate_md_name
+from broker.state import StateFile
 from harness import storefactory as sf
 
 MD = "example.org"
@@ -50,6 +56,7 @@ NAMES = (MD, "www.example.org")
 KEY_TYPE_SETS = (("rsa",), ("secp256r1",), ("rsa", "secp384r1"))
 GUARD_SECONDS = 5
 DAY = 86400.0
+ANCHORS = sf.anchors()
 
 
 def fuzz_settings(examples: int) -> settings:
@@ -232,7 +239,7 @@ def material(tmp_path_factory: pytest.TempPathFactory) -> Material:
             if with_active:
                 sf.add_active(store, MD, list(NAMES), key_types=kts)
             sf.add_staged(store, MD, list(NAMES), key_types=kts)
-            assert Store(str(store)).check_staged(MD).md == MD
+            assert Store(str(store), anchors=ANCHORS).check_staged(MD).md == MD
             templates[(kts, with_active)] = store
     now = time.time()
     pem = serialization.Encoding.PEM
@@ -566,6 +573,7 @@ def assert_clean(ws: Workspace, out: Outcome, allowed: tuple[type[Exception], ..
     if out.error is not None:
         assert type(out.error) in allowed, f"unexpected {type(out.error).__name__}: {out.error!r}"
         msg = str(out.error)
+        assert msg.isprintable(), f"control character in {msg!r}"
         assert str(ws.root) not in msg and os.path.realpath(ws.root) not in msg, msg
         if isinstance(out.error, StagingInvalid):
             assert re.fullmatch(r"[a-z][a-z-]*", out.error.check), out.error.check
@@ -671,7 +679,7 @@ def test_validate_md_name_refuses_non_strings(value: Any) -> None:
 def test_check_staged_on_a_damaged_staging_set(material: Material, damage: Damage) -> None:
     with workspace(material.templates[(damage.key_types, damage.with_active)]) as ws:
         apply(ws, material, damage)
-        out = call("check_staged", lambda: Store(str(ws.store)).check_staged(MD))
+        out = call("check_staged", lambda: Store(str(ws.store), anchors=ANCHORS).check_staged(MD))
         assert_clean(ws, out, (NothingStaged, StagingInvalid))
         if out.error is not None:
             return
@@ -679,10 +687,9 @@ def test_check_staged_on_a_damaged_staging_set(material: Material, damage: Damag
         assert isinstance(cs, CertSet)
 
         group, set_dir = ws.store / "staging", ws.store / "staging" / MD
-        # The MD's key types and names: root's domains/<md>/md.json wins over the staged one.
+        # The MD's key types and names come from root's domains/<md>/md.json alone.
         deciding = ws.store / "domains" / MD / "md.json"
-        if kind(deciding) == "missing":
-            deciding = set_dir / "md.json"
+        assert kind(deciding) == "file", "accepted a set of an MD that is not managed"
         key_types = key_types_of(deciding)
         assert key_types is not None, "accepted a set whose md.json the test cannot read"
         assert (kind(group), kind(set_dir)) == ("dir", "dir")
@@ -695,7 +702,7 @@ def test_check_staged_on_a_damaged_staging_set(material: Material, damage: Damag
         # Consistency with storefactory's reader and with the broker's own staged_fingerprint.
         if key_types_of(set_dir / "md.json") == key_types:
             assert cs.fingerprint == sf.read_staged_fingerprint(ws.store, MD)
-        again = call("staged_fingerprint", lambda: Store(str(ws.store)).staged_fingerprint(MD))
+        again = call("staged_fingerprint", lambda: Store(str(ws.store), anchors=ANCHORS).staged_fingerprint(MD))
         assert again.error is None and again.value == cs.fingerprint
 
 
@@ -708,15 +715,14 @@ def test_check_staged_on_a_damaged_staging_set(material: Material, damage: Damag
 def test_staged_fingerprint_on_a_damaged_staging_set(material: Material, damage: Damage) -> None:
     with workspace(material.templates[(damage.key_types, damage.with_active)]) as ws:
         apply(ws, material, damage)
-        out = call("staged_fingerprint", lambda: Store(str(ws.store)).staged_fingerprint(MD))
+        out = call("staged_fingerprint", lambda: Store(str(ws.store), anchors=ANCHORS).staged_fingerprint(MD))
         assert_clean(ws, out, (StagingInvalid,))
         if out.error is not None or out.value is None:
             return
         group, set_dir = ws.store / "staging", ws.store / "staging" / MD
-        # It reads staging/<md>/md.json only when there is no domains/<md>/md.json.
+        # Key types come from root's domains/<md>/md.json alone; staging/<md>/md.json must exist.
         deciding = ws.store / "domains" / MD / "md.json"
-        if kind(deciding) == "missing":
-            deciding = set_dir / "md.json"
+        assert kind(set_dir / "md.json") == "file"
         key_types = key_types_of(deciding)
         assert key_types is not None
         assert (kind(group), kind(set_dir), kind(deciding)) == ("dir", "dir", "file")
@@ -731,7 +737,7 @@ def test_job_notified_and_renewals_never_raise(material: Material, damage: Damag
     with workspace(material.templates[(damage.key_types, damage.with_active)]) as ws:
         apply(ws, material, damage)
         now = time.time()
-        store = Store(str(ws.store), clock=lambda: now)
+        store = Store(str(ws.store), anchors=ANCHORS, clock=lambda: now)
         notified = call("job_notified", lambda: store.job_notified(MD))
         assert_clean(ws, notified, ())
         busy = call("renewals_in_progress", store.renewals_in_progress)
@@ -762,7 +768,11 @@ def test_job_notified_and_renewals_never_raise(material: Material, damage: Damag
 def test_active_on_a_damaged_active_set(material: Material, damage: Damage) -> None:
     with workspace(material.templates[(damage.key_types, damage.with_active)]) as ws:
         apply(ws, material, damage)
-        out = call("active", lambda: Store(str(ws.store)).active(MD))
+        staged = call("check_staged", lambda: Store(str(ws.store), anchors=ANCHORS).check_staged(MD))
+        assert_clean(ws, staged, (NothingStaged, StagingInvalid))
+        if staged.error is None:
+            assert kind(ws.store / "domains" / MD / "md.json") == "file"
+        out = call("active", lambda: Store(str(ws.store), anchors=ANCHORS).active(MD))
         assert_clean(ws, out, (StagingInvalid,))
         if out.error is not None or out.value is None:
             return
@@ -817,7 +827,7 @@ def test_list_mds_returns_exactly_the_valid_md_directories(
         for group, how in group_ops:
             _place(ws, ws.store / group, how, template / group)
 
-        store = Store(str(ws.store))
+        store = Store(str(ws.store), anchors=ANCHORS)
         out = call("list_mds", store.list_mds)
         assert_clean(ws, out, ())
         expected = set()
@@ -829,3 +839,120 @@ def test_list_mds_returns_exactly_the_valid_md_directories(
         busy = call("renewals_in_progress", store.renewals_in_progress)
         assert_clean(ws, busy, ())
         assert set(busy.value) <= set(out.value)
+
+
+# -- 4. any bytes in any file -----------------------------------------------------------------------
+
+
+def _store_files(key_types: tuple[str, ...]) -> list[str]:
+    staged = ["md.json", "job.json"] + [f(kt) for kt in key_types for f in (sf.pubcert_name, sf.privkey_name)]
+    return [f"staging/{MD}/{f}" for f in staged] + [f"domains/{MD}/md.json", "md_store.json"]
+
+
+_ANY_FILE = st.sampled_from(sorted({f for kts in KEY_TYPE_SETS for f in _store_files(kts)}))
+_ANY_BYTES = st.one_of(
+    st.tuples(st.just("replace"), st.binary(max_size=2048)),
+    st.tuples(st.just("splice"), st.tuples(st.integers(0, 1000), st.binary(min_size=1, max_size=64))),
+)
+_ESCAPE_NAME = json.dumps(sf.md_json(MD, [MD, "www.example.org\x1b[2J"])).encode()
+
+
+def _write_bytes(ws: Workspace, writes: list[tuple[str, tuple[str, Any]]]) -> None:
+    for rel, (op, arg) in writes:
+        path = ws.store / rel
+        if not path.parent.is_dir():
+            continue
+        original = path.read_bytes() if path.is_file() else b""
+        if op == "replace":
+            content = arg
+        else:
+            pos = len(original) * arg[0] // 1000
+            content = original[:pos] + arg[1] + original[pos + len(arg[1]):]
+        path.write_bytes(content)
+
+
+@fuzz_settings(300)
+@given(key_types=st.sampled_from(KEY_TYPE_SETS), with_active=st.booleans(),
+       writes=st.lists(st.tuples(_ANY_FILE, _ANY_BYTES), min_size=1, max_size=3))
+@example(key_types=("rsa",), with_active=False, writes=[(f"domains/{MD}/md.json", ("replace", _ESCAPE_NAME))])
+@example(key_types=("rsa",), with_active=True, writes=[(f"staging/{MD}/md.json", ("replace", _ESCAPE_NAME))])
+def test_any_bytes_in_any_file_give_a_contract_error_or_a_set(
+        material: Material, key_types: tuple[str, ...], with_active: bool,
+        writes: list[tuple[str, tuple[str, Any]]]) -> None:
+    """Whatever www-data (or a broken root file) puts in a file of the store, check_staged answers
+    with a BrokerError whose message is printable, or with a CertSet; never anything else."""
+    with workspace(material.templates[(key_types, with_active)]) as ws:
+        _write_bytes(ws, writes)
+        out = call("check_staged", lambda: Store(str(ws.store), anchors=ANCHORS).check_staged(MD))
+        if out.error is not None:
+            assert isinstance(out.error, BrokerError), f"unexpected {type(out.error).__name__}: {out.error!r}"
+            assert out.error.message.isprintable(), f"control character in {out.error.message!r}"
+        else:
+            assert isinstance(out.value, CertSet)
+            # What an accepted set carries on to status, logs and signals.
+            for text in _strings(dataclasses.asdict(out.value)):
+                assert text.isprintable(), f"control character in {text!r}"
+        assert_clean(ws, out, (NothingStaged, StagingInvalid))
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON-like value, keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _strings(v)
+
+
+class _NoRestart:
+    """The engine's restarter; these examples only request and ask for status."""
+
+    restarts = 0
+
+    async def restart(self) -> Any:
+        raise AssertionError("no restart is run here")
+
+
+@fuzz_settings(150)
+@given(key_types=st.sampled_from(KEY_TYPE_SETS), with_active=st.booleans(),
+       writes=st.lists(st.tuples(_ANY_FILE, _ANY_BYTES), min_size=1, max_size=3))
+@example(key_types=("rsa",), with_active=False, writes=[(f"domains/{MD}/md.json", ("replace", _ESCAPE_NAME))])
+@example(key_types=("rsa",), with_active=True, writes=[(f"staging/{MD}/md.json", ("replace", _ESCAPE_NAME))])
+@example(key_types=("rsa",), with_active=True, writes=[])
+def test_any_bytes_through_the_engine_give_a_contract_error_or_a_schedule(
+        material: Material, key_types: tuple[str, ...], with_active: bool,
+        writes: list[tuple[str, tuple[str, Any]]]) -> None:
+    """The core as the D-Bus layer drives it: a request for the MD is either scheduled or refused
+    with a contract error; the log, the properties and the status document (what GetStatus and
+    `apache-restart status` show) hold no control character; a refusal schedules nothing."""
+    with workspace(material.templates[(key_types, with_active)]) as ws:
+        _write_bytes(ws, writes)
+        config = from_mapping({"md_store": str(ws.store), "state_dir": str(ws.root / "state"),
+                               "settle_seconds": 10, "min_interval_seconds": 60})
+        engine = Engine(config, Store(str(ws.store), anchors=ANCHORS), _NoRestart(),
+                        StateFile(str(ws.root / "state")))
+        log = io.StringIO()
+
+        async def drive() -> dict[str, Any]:
+            try:
+                planned = await engine.request(MD, caller_uid=33)
+            except BrokerError as e:
+                assert type(e) in (NothingStaged, StagingInvalid), f"unexpected {type(e).__name__}: {e!r}"
+                assert e.message.isprintable() and str(ws.root) not in e.message, e.message
+                assert not engine.pending
+                event("refused")
+            else:
+                assert isinstance(planned, int) and engine.pending and engine.planned_at_usec == planned
+                event("scheduled")
+            await engine.check_all()
+            return await engine.status()
+
+        with contextlib.redirect_stderr(log), hang_guard():
+            status = asyncio.run(drive())
+        json.dumps(status)
+        for text in [*_strings(status), *_strings(engine.properties()), *log.getvalue().splitlines()]:
+            assert text.isprintable(), f"control character in {text!r}"

@@ -81,7 +81,8 @@ async def test_the_restart_waits_while_another_node_activates(tmp_path, store, h
     apache = FakeApache(store)
     cfg = from_mapping({"md_store": str(store), "state_dir": str(tmp_path / "state"),
                         "settle_seconds": 0, "min_interval_seconds": 0, "verify_timeout_seconds": 0})
-    engine = Engine(cfg, Store(str(store)), apache, StateFile(str(tmp_path / "state")), clock=Clock())
+    engine = Engine(cfg, Store(str(store), anchors=storefactory.anchors()), apache,
+                    StateFile(str(tmp_path / "state")), clock=Clock())
     seen_held = asyncio.Event()
     answers: list[bool] = []
 

@@ -52,7 +52,7 @@ def staged_batch(store: Store, *mds: str):
 async def test_activated_set_verifies(store_dir):
     sf.add_active(store_dir, MD, NAMES)
     sf.add_staged(store_dir, MD, NAMES)
-    store = Store(str(store_dir))
+    store = Store(str(store_dir), anchors=sf.anchors())
     batch = staged_batch(store, MD)
     assert sf.activate(store_dir, MD) == "activated"
     verdict = await verify_activation(store, batch, (), 5)
@@ -63,7 +63,7 @@ async def test_activated_set_verifies(store_dir):
 
 async def test_activation_during_polling_is_waited_for(store_dir):
     sf.add_staged(store_dir, MD, NAMES)
-    store = Store(str(store_dir))
+    store = Store(str(store_dir), anchors=sf.anchors())
     batch = staged_batch(store, MD)
     asyncio.get_running_loop().call_later(0.3, sf.activate, store_dir, MD)
     start = time.monotonic()
@@ -75,7 +75,7 @@ async def test_activation_during_polling_is_waited_for(store_dir):
 async def test_still_staged_fails_at_the_deadline(store_dir):
     sf.add_active(store_dir, MD, NAMES)
     sf.add_staged(store_dir, MD, NAMES)
-    store = Store(str(store_dir))
+    store = Store(str(store_dir), anchors=sf.anchors())
     clock = FakeTime()
     verdict = await verify_activation(store, staged_batch(store, MD), (), 30,
                                       sleep=clock.sleep, monotonic=clock.monotonic)
@@ -89,7 +89,7 @@ async def test_still_staged_fails_at_the_deadline(store_dir):
 async def test_purged_set_is_reported_as_not_active(store_dir):
     old = sf.add_active(store_dir, MD, NAMES)
     sf.add_staged(store_dir, MD, NAMES)
-    store = Store(str(store_dir))
+    store = Store(str(store_dir), anchors=sf.anchors())
     batch = staged_batch(store, MD)
     # A key that does not match its certificate: mod_md purges the set and keeps the old one.
     (store_dir / "staging" / MD / "privkey.pem").write_bytes(
@@ -105,7 +105,7 @@ async def test_purged_set_is_reported_as_not_active(store_dir):
 
 async def test_no_active_set_at_all(store_dir):
     sf.add_staged(store_dir, MD, NAMES)
-    store = Store(str(store_dir))
+    store = Store(str(store_dir), anchors=sf.anchors())
     batch = staged_batch(store, MD)
     shutil.rmtree(store_dir / "staging" / MD)
     clock = FakeTime()
@@ -117,7 +117,7 @@ async def test_no_active_set_at_all(store_dir):
 async def test_staging_turned_hostile_is_a_failure_not_an_exception(store_dir):
     sf.add_active(store_dir, MD, NAMES)
     sf.add_staged(store_dir, MD, NAMES)
-    store = Store(str(store_dir))
+    store = Store(str(store_dir), anchors=sf.anchors())
     batch = staged_batch(store, MD)
     pubcert = store_dir / "staging" / MD / "pubcert.pem"
     pubcert.unlink()
@@ -133,7 +133,7 @@ async def test_one_of_two_activated(store_dir):
     for md in ("a.example", "b.example"):
         sf.add_active(store_dir, md)
         sf.add_staged(store_dir, md)
-    store = Store(str(store_dir))
+    store = Store(str(store_dir), anchors=sf.anchors())
     batch = staged_batch(store, "a.example", "b.example")
     sf.activate(store_dir, "b.example")
     clock = FakeTime()
@@ -146,7 +146,7 @@ async def test_one_of_two_activated(store_dir):
 async def test_timeout_zero_looks_once(store_dir):
     sf.add_staged(store_dir, "a.example")
     sf.add_staged(store_dir, "b.example")
-    store = Store(str(store_dir))
+    store = Store(str(store_dir), anchors=sf.anchors())
     batch = staged_batch(store, "a.example", "b.example")
     sf.activate(store_dir, "a.example")
     clock = FakeTime()
@@ -213,7 +213,7 @@ def free_port() -> int:
 async def test_probe_accepts_the_staged_cert_served_by_sni(store_dir, tmp_path):
     sf.add_active(store_dir, MD, NAMES)
     new = sf.add_staged(store_dir, MD, NAMES)
-    store = Store(str(store_dir))
+    store = Store(str(store_dir), anchors=sf.anchors())
     batch = staged_batch(store, MD)
     sf.activate(store_dir, MD)
     server = TLSServer(tmp_path, fallback_cert())
@@ -227,7 +227,7 @@ async def test_probe_accepts_the_staged_cert_served_by_sni(store_dir, tmp_path):
 
 async def test_probe_accepts_the_ec_cert_of_a_dual_set(store_dir, tmp_path):
     new = sf.add_staged(store_dir, MD, NAMES, ("rsa", "secp256r1"))
-    store = Store(str(store_dir))
+    store = Store(str(store_dir), anchors=sf.anchors())
     batch = staged_batch(store, MD)
     sf.activate(store_dir, MD)
     server = TLSServer(tmp_path, fallback_cert())
@@ -240,7 +240,7 @@ async def test_probe_accepts_the_ec_cert_of_a_dual_set(store_dir, tmp_path):
 async def test_probe_rejects_the_old_cert_and_names_the_probe(store_dir, tmp_path):
     old = sf.add_active(store_dir, MD, NAMES)
     new = sf.add_staged(store_dir, MD, NAMES)
-    store = Store(str(store_dir))
+    store = Store(str(store_dir), anchors=sf.anchors())
     batch = staged_batch(store, MD)
     sf.activate(store_dir, MD)
     server = TLSServer(tmp_path, fallback_cert())
@@ -259,7 +259,7 @@ async def test_probe_rejects_the_old_cert_and_names_the_probe(store_dir, tmp_pat
 async def test_probe_waits_for_apache_to_serve_the_new_cert(store_dir, tmp_path):
     old = sf.add_active(store_dir, MD, NAMES)
     new = sf.add_staged(store_dir, MD, NAMES)
-    store = Store(str(store_dir))
+    store = Store(str(store_dir), anchors=sf.anchors())
     batch = staged_batch(store, MD)
     sf.activate(store_dir, MD)
     server = TLSServer(tmp_path, fallback_cert())
@@ -272,7 +272,7 @@ async def test_probe_waits_for_apache_to_serve_the_new_cert(store_dir, tmp_path)
 
 async def test_probe_fails_in_bounded_time_when_nothing_listens(store_dir):
     sf.add_staged(store_dir, MD, NAMES)
-    store = Store(str(store_dir))
+    store = Store(str(store_dir), anchors=sf.anchors())
     batch = staged_batch(store, MD)
     sf.activate(store_dir, MD)
     address = f"127.0.0.1:{free_port()}"
@@ -286,7 +286,7 @@ async def test_probe_fails_in_bounded_time_when_nothing_listens(store_dir):
 
 async def test_probe_fails_in_bounded_time_when_the_peer_never_handshakes(store_dir):
     sf.add_staged(store_dir, MD, NAMES)
-    store = Store(str(store_dir))
+    store = Store(str(store_dir), anchors=sf.anchors())
     batch = staged_batch(store, MD)
     sf.activate(store_dir, MD)
     held: list[asyncio.StreamWriter] = []
@@ -312,7 +312,7 @@ async def test_probe_fails_in_bounded_time_when_the_peer_never_handshakes(store_
 async def test_wildcard_only_md_is_not_probed(store_dir):
     wild = "*.example.org"
     sf.add_staged(store_dir, wild, [wild])
-    store = Store(str(store_dir))
+    store = Store(str(store_dir), anchors=sf.anchors())
     batch = staged_batch(store, wild)
     sf.activate(store_dir, wild)
     verdict = await verify_activation(store, batch, [f"127.0.0.1:{free_port()}"], 0.5, poll=0.05)
@@ -323,7 +323,7 @@ async def test_wildcard_only_md_is_not_probed(store_dir):
 async def test_wildcard_md_is_probed_with_its_first_plain_name(store_dir, tmp_path):
     wild = "*.example.org"
     new = sf.add_staged(store_dir, wild, [wild, "example.org"])
-    store = Store(str(store_dir))
+    store = Store(str(store_dir), anchors=sf.anchors())
     batch = staged_batch(store, wild)
     sf.activate(store_dir, wild)
     server = TLSServer(tmp_path, fallback_cert())
