@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 from . import __version__, config, log
 from .chain import TrustAnchors
@@ -57,9 +58,8 @@ def check_warnings(cfg: config.Config) -> list[str]:
     return warnings
 
 
-async def _serve(cfg: config.Config, bus_address: str | None, anchors: TrustAnchors) -> int:
-    # Imported here so that --help and config errors need no D-Bus library.
-    from . import dbuslib, names
+def _build(cfg: config.Config, bus: Any, anchors: TrustAnchors) -> tuple[Any, Any]:
+    """The broker's parts wired together: (engine, service). Nothing runs yet."""
     from .authz import Authorizer
     from .engine import Engine
     from .restart import CommandRestarter, Restarter
@@ -67,9 +67,6 @@ async def _serve(cfg: config.Config, bus_address: str | None, anchors: TrustAnch
     from .staging import Store
     from .state import StateFile
 
-    bus = await dbuslib.connect(bus_address)
-    if not dbuslib.harden_writer(bus):
-        log.warning(f"{dbuslib.LIB_NAME}: unknown writer layout, a reply burst may drop the connection")
     restarter: Restarter
     if cfg.restart_via == "systemd":
         from .restart_systemd import SystemdRestarter
@@ -82,18 +79,12 @@ async def _serve(cfg: config.Config, bus_address: str | None, anchors: TrustAnch
     clock = time.time
     store = Store(cfg.md_store, clock=clock, anchors=anchors)
     engine = Engine(cfg, store, restarter, StateFile(cfg.state_dir), clock=clock)
-    service = ApacheRestartService(bus, engine, Authorizer(bus, cfg.polkit_timeout_seconds,
-                                                           cfg.allow_interactive_authorization),
-                                   cfg.max_in_flight)
-    service.export()
-    reply = await bus.request_name(names.BUS_NAME)
-    code = int(getattr(reply, "value", reply))  # RequestNameReply is a plain Enum in both libraries
-    if code != 1:  # PRIMARY_OWNER
-        log.err(f"could not own {names.BUS_NAME} (reply {code}): another broker runs?")
-        return 1
-    log.notice(f"apache-restart-broker {__version__} serving {names.BUS_NAME} ({dbuslib.LIB_NAME}): "
-               + settings_line(cfg))
+    authorizer = Authorizer(bus, cfg.polkit_timeout_seconds, cfg.allow_interactive_authorization)
+    return engine, ApacheRestartService(bus, engine, authorizer, cfg.max_in_flight)
 
+
+async def _run_until_done(cfg: config.Config, bus: Any, engine: Any, service: Any) -> int:
+    """Serve until a signal, the idle time, a lost bus or a failed restart loop; the exit status."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -125,6 +116,26 @@ async def _serve(cfg: config.Config, bus_address: str | None, anchors: TrustAnch
         await asyncio.wait([runner], timeout=cfg.verify_timeout_seconds + cfg.command_timeout_seconds)
     for task in waiters:
         task.cancel()
+    return status
+
+
+async def _serve(cfg: config.Config, bus_address: str | None, anchors: TrustAnchors) -> int:
+    # Imported here so that --help and config errors need no D-Bus library.
+    from . import dbuslib, names
+
+    bus = await dbuslib.connect(bus_address)
+    if not dbuslib.harden_writer(bus):
+        log.warning(f"{dbuslib.LIB_NAME}: unknown writer layout, a reply burst may drop the connection")
+    engine, service = _build(cfg, bus, anchors)
+    service.export()
+    reply = await bus.request_name(names.BUS_NAME)
+    code = int(getattr(reply, "value", reply))  # RequestNameReply is a plain Enum in both libraries
+    if code != 1:  # PRIMARY_OWNER
+        log.err(f"could not own {names.BUS_NAME} (reply {code}): another broker runs?")
+        return 1
+    log.notice(f"apache-restart-broker {__version__} serving {names.BUS_NAME} ({dbuslib.LIB_NAME}): "
+               + settings_line(cfg))
+    status = await _run_until_done(cfg, bus, engine, service)
     if status == 0:
         bus.disconnect()
     return status

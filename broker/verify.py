@@ -108,6 +108,103 @@ def _describe_error(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+class _Watch:
+    """One verification: which sets are active yet, and what each probe still serves wrongly.
+
+    Kept as state between looks, so that a set once seen active is not read again and a probe
+    that served the verified certificate is not asked again.
+    """
+
+    def __init__(self, store: _Store, batch: Mapping[str, CertSet], probes: Sequence[str],
+                 timeout: float, deadline: float, monotonic: Callable[[], float],
+                 run: Callable[..., Awaitable[Any]]) -> None:
+        self.store, self.batch, self.probes, self.timeout = store, batch, probes, timeout
+        self.deadline, self.monotonic, self.run = deadline, monotonic, run
+        self.activated: set[str] = set()
+        self.store_problem: dict[str, str] = {}
+        self.probe_todo: dict[tuple[str, str], str] = {}  # (address, md) -> why not yet served
+        self.sni: dict[str, str] = {}
+        for md, cset in batch.items():
+            name = _sni_name(cset)
+            if name is None:
+                if probes:
+                    log.info(f"{md}: only wildcard names, not probed over TLS")
+                continue
+            self.sni[md] = name
+
+    def check_store(self, md: str, cset: CertSet) -> str | None:
+        """Why `cset` is not the active set of `md` yet (None: it is). Runs in a worker thread."""
+        try:
+            if self.store.staged_fingerprint(md) == cset.fingerprint:
+                return f"still staged after {timefmt.seconds(self.timeout)} (mod_md did not activate it)"
+            active = self.store.active(md)
+        except BrokerError as e:
+            return f"store check failed: {e.message}"
+        except OSError as e:
+            return f"store check failed: {e.strerror or e}"
+        if active is None:
+            return "no active certificate (mod_md rejected the set?)"
+        if active.fingerprint != cset.fingerprint:
+            # Either mod_md kept the old set, or staging was swapped after verification and
+            # mod_md activated that: say what is active, not whose fault it is.
+            return (f"activates serial {_serials(active)}, not the verified "
+                    f"{_serials(cset)}")
+        return None
+
+    async def look_at_store(self) -> None:
+        for md, cset in self.batch.items():
+            if md in self.activated:
+                continue
+            problem = await self.run(self.check_store, md, cset)
+            if problem is not None:
+                self.store_problem[md] = problem
+                continue
+            self.activated.add(md)
+            self.store_problem.pop(md, None)
+            log.info(f"{md}: staged set is active")
+            for address in self.probes:
+                if md in self.sni:
+                    self.probe_todo[(address, md)] = f"probe {address} ({md}): not tried"
+
+    async def probe(self, address: str, md: str) -> None:
+        cset = self.batch[md]
+        attempt = min(PROBE_ATTEMPT_CAP, max(PROBE_ATTEMPT_FLOOR, self.deadline - self.monotonic()))
+        try:
+            der = await served_certificate(address, self.sni[md], attempt)
+        except (OSError, ValueError, EOFError) as e:
+            self.probe_todo[(address, md)] = f"probe {address} ({md}): {_describe_error(e)}"
+            return
+        if hashlib.sha256(der).hexdigest() in {c.sha256 for c in cset.certs}:
+            del self.probe_todo[(address, md)]
+            log.info(f"probe {address} ({md}): serves serial {_serial_of(der)}")
+        else:
+            self.probe_todo[(address, md)] = (
+                f"probe {address} ({md}): serves serial {_serial_of(der)}, not the verified {_serials(cset)}")
+
+    async def look(self) -> bool:
+        """One look at the store and the probes still to do; True when everything is done."""
+        await self.look_at_store()
+        if self.probe_todo:
+            await asyncio.gather(*(self.probe(address, md) for address, md in list(self.probe_todo)))
+        return not self.store_problem and not self.probe_todo
+
+    def success(self) -> Verdict:
+        probed = " and served" if self.probes and self.sni else ""
+        count = f"{len(self.batch)} MD" + ("" if len(self.batch) == 1 else "s")
+        return Verdict(True, frozenset(self.activated), f"{count} active{probed}")
+
+    def failure(self) -> Verdict:
+        """The problems in a stable order: store first (in batch order), then each probe."""
+        problems = [f"{md}: {self.store_problem[md]}" for md in self.batch if md in self.store_problem]
+        order = {md: i for i, md in enumerate(self.batch)}
+        problems += [self.probe_todo[key] for key in
+                     sorted(self.probe_todo, key=lambda k: (order[k[1]], self.probes.index(k[0])))]
+        detail = problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+        for problem in problems:
+            log.warning(f"verification: {problem}")
+        return Verdict(False, frozenset(self.activated), detail)
+
+
 async def verify_activation(
     store: _Store,
     batch: Mapping[str, CertSet],
@@ -124,81 +221,10 @@ async def verify_activation(
     go through `run` (a worker thread): a slow store must not block the event loop.
     """
     deadline = monotonic() + timeout
-    activated: set[str] = set()
-    store_problem: dict[str, str] = {}
-    # (address, md) -> why it is not yet served correctly
-    probe_todo: dict[tuple[str, str], str] = {}
-    sni: dict[str, str] = {}
-    for md, cset in batch.items():
-        name = _sni_name(cset)
-        if name is None:
-            if probes:
-                log.info(f"{md}: only wildcard names, not probed over TLS")
-            continue
-        sni[md] = name
-
-    def check_store(md: str, cset: CertSet) -> str | None:
-        try:
-            if store.staged_fingerprint(md) == cset.fingerprint:
-                return f"still staged after {timefmt.seconds(timeout)} (mod_md did not activate it)"
-            active = store.active(md)
-        except BrokerError as e:
-            return f"store check failed: {e.message}"
-        except OSError as e:
-            return f"store check failed: {e.strerror or e}"
-        if active is None:
-            return "no active certificate (mod_md rejected the set?)"
-        if active.fingerprint != cset.fingerprint:
-            # Either mod_md kept the old set, or staging was swapped after verification and
-            # mod_md activated that: say what is active, not whose fault it is.
-            return (f"activates serial {_serials(active)}, not the verified "
-                    f"{_serials(cset)}")
-        return None
-
-    async def probe(address: str, md: str) -> None:
-        cset = batch[md]
-        attempt = min(PROBE_ATTEMPT_CAP, max(PROBE_ATTEMPT_FLOOR, deadline - monotonic()))
-        try:
-            der = await served_certificate(address, sni[md], attempt)
-        except (OSError, ValueError, EOFError) as e:
-            probe_todo[(address, md)] = f"probe {address} ({md}): {_describe_error(e)}"
-            return
-        if hashlib.sha256(der).hexdigest() in {c.sha256 for c in cset.certs}:
-            del probe_todo[(address, md)]
-            log.info(f"probe {address} ({md}): serves serial {_serial_of(der)}")
-        else:
-            probe_todo[(address, md)] = (
-                f"probe {address} ({md}): serves serial {_serial_of(der)}, not the verified {_serials(cset)}")
-
-    while True:
-        for md, cset in batch.items():
-            if md in activated:
-                continue
-            problem = await run(check_store, md, cset)
-            if problem is None:
-                activated.add(md)
-                store_problem.pop(md, None)
-                log.info(f"{md}: staged set is active")
-                for address in probes:
-                    if md in sni:
-                        probe_todo[(address, md)] = f"probe {address} ({md}): not tried"
-            else:
-                store_problem[md] = problem
-        if probe_todo:
-            await asyncio.gather(*(probe(address, md) for address, md in list(probe_todo)))
-        if not store_problem and not probe_todo:
-            probed = " and served" if probes and sni else ""
-            count = f"{len(batch)} MD" + ("" if len(batch) == 1 else "s")
-            return Verdict(True, frozenset(activated), f"{count} active{probed}")
+    watch = _Watch(store, batch, probes, timeout, deadline, monotonic, run)
+    while not await watch.look():
         remaining = deadline - monotonic()
         if remaining <= 0:
-            break
+            return watch.failure()
         await sleep(min(poll, remaining))
-
-    problems = [f"{md}: {store_problem[md]}" for md in batch if md in store_problem]
-    order = {md: i for i, md in enumerate(batch)}
-    problems += [probe_todo[key] for key in sorted(probe_todo, key=lambda k: (order[k[1]], probes.index(k[0])))]
-    detail = problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
-    for problem in problems:
-        log.warning(f"verification: {problem}")
-    return Verdict(False, frozenset(activated), detail)
+    return watch.success()

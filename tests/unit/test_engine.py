@@ -11,7 +11,7 @@ from broker.errors import AlreadyFailed, NothingStaged, RateLimited, StagingInva
 from broker.restart import RestartOutcome
 from broker.staging import Store
 from broker.state import StateFile
-from harness import storefactory
+from harness import busutil, storefactory
 
 MD = "www.example.test"
 
@@ -135,10 +135,7 @@ async def test_failed_config_test_is_retried_on_its_own_and_survives_a_new_engin
         assert apache.restarts == 0  # not before the retry is due
         clock.t = failed_at + 60
         again._wakeup.set()
-        for _ in range(100):
-            if finished:
-                break
-            await asyncio.sleep(0.05)
+        await busutil.wait_until(lambda: finished, 10)
     finally:
         runner.cancel()
     assert finished == [(True, "1 MD active", [MD])]
@@ -175,14 +172,17 @@ async def test_batch_interrupted_mid_restart_is_resumed(tmp_path, store):
     storefactory.add_staged(store, MD, [MD])
     clock = Clock()
 
+    entered = asyncio.Event()
+
     class Hanging(FakeApache):
         async def restart(self):
+            entered.set()
             await asyncio.Event().wait()
 
     engine, _ = make_engine(tmp_path, store, Hanging(store), clock)
     await engine.request(MD, caller_uid=33)
     task = asyncio.ensure_future(engine.restart_now())
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(entered.wait(), 10)  # the restart is under way
     task.cancel()  # the broker died while Apache was restarting
     again, finished = make_engine(tmp_path, store, FakeApache(store), clock)
     assert again.pending
@@ -238,10 +238,7 @@ async def test_run_loop_restarts_early_when_mod_md_notified(tmp_path, store):
         await asyncio.sleep(0.6)
         assert apache.restarts == 0  # notified, but not yet quiet for QUIET_SECONDS
         clock.t += 1.5
-        for _ in range(40):
-            if finished:
-                break
-            await asyncio.sleep(0.05)
+        await busutil.wait_until(lambda: finished, 10)
         assert apache.restarts == 1 and finished[0][0] is True
 
     finally:

@@ -4,7 +4,8 @@
 harness/storefactory.py, lets hypothesis damage it (file contents, symlinks, FIFOs, sockets,
 directories, huge files, junk) and checks what the readers of broker.staging promise:
 
-* only the documented exception types, and no hang (a SIGALRM guard per call);
+* only the documented exception types, and no hang (pytest-timeout fails a test that hangs,
+  e.g. on a FIFO opened for reading);
 * nothing that is not a regular file, or a set directory that is not a real directory, is ever
   accepted; below the store's root every path is opened relative to a directory fd with
   O_NOFOLLOW, nothing outside the store is ever opened and no fd leaks;
@@ -28,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import stat
 import tempfile
@@ -54,7 +54,6 @@ from harness import storefactory as sf
 MD = "example.org"
 NAMES = (MD, "www.example.org")
 KEY_TYPE_SETS = (("rsa",), ("secp256r1",), ("rsa", "secp384r1"))
-GUARD_SECONDS = 5
 DAY = 86400.0
 ANCHORS = sf.anchors()
 
@@ -140,24 +139,6 @@ def json_object(path: Path) -> dict[str, Any] | None:
 # -- calling the code under test -------------------------------------------------------------------
 
 
-class Hung(BaseException):
-    """Not an Exception: a broad `except Exception` in the code under test must not swallow it."""
-
-
-@contextlib.contextmanager
-def hang_guard() -> Iterator[None]:
-    def expired(signum: int, frame: object) -> None:
-        raise Hung(f"the call took longer than {GUARD_SECONDS} s")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, GUARD_SECONDS)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
 _real_open = os.open
 
 
@@ -197,10 +178,10 @@ class Outcome:
 
 
 def call(what: str, fn: Callable[[], Any]) -> Outcome:
-    """Run `fn` under the hang guard and the open spy. Exceptions are caught and returned, a hang
-    (Hung) is not."""
+    """Run `fn` under the open spy. Exceptions are caught and returned; a hang is left to
+    pytest-timeout, which fails the test."""
     out = Outcome(fds_before=_open_fd_count())
-    with hang_guard(), mock.patch.object(os, "open", out.spy):
+    with mock.patch.object(os, "open", out.spy):
         try:
             out.value = fn()
         except Exception as e:
@@ -951,7 +932,7 @@ def test_any_bytes_through_the_engine_give_a_contract_error_or_a_schedule(
             await engine.check_all()
             return await engine.status()
 
-        with contextlib.redirect_stderr(log), hang_guard():
+        with contextlib.redirect_stderr(log):
             status = asyncio.run(drive())
         json.dumps(status)
         for text in [*_strings(status), *_strings(engine.properties()), *log.getvalue().splitlines()]:
