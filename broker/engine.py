@@ -31,6 +31,10 @@ from .verify import Verdict, verify_activation
 
 # How often job.json is looked at while a settle window is open: it decides an early end.
 JOB_POLL_SECONDS = 0.25
+# mod_md writes "notified-renewed" a few milliseconds after the hook got its answer, and the
+# restart waits for it: right after a request job.json is looked at this often, then less and
+# less often, down to JOB_POLL_SECONDS (a quarter of the time since the request).
+JOB_POLL_FIRST_SECONDS = 0.01
 # Once every MD of the window shows mod_md's "notified-renewed", the window still waits this
 # long with no other renewal under way before it ends early, when another managed MD is due
 # for renewal too. mod_md renews MDs one after another: the next MD's job starts a moment
@@ -59,6 +63,13 @@ Prober = Callable[[Sequence[str], Mapping[str, str]], Awaitable[dict[str, list[S
 
 def _usec(t: float) -> int:
     return max(0, int(round(t * 1_000_000)))
+
+
+def job_poll_seconds(since_request: float) -> float:
+    """How long the restart loop waits before it looks at job.json again."""
+    if since_request < 0:  # the wall clock stepped back: nothing tells how recent the request is
+        return JOB_POLL_SECONDS
+    return min(JOB_POLL_SECONDS, max(JOB_POLL_FIRST_SECONDS, since_request / 4))
 
 
 class Engine:
@@ -109,6 +120,9 @@ class Engine:
         self._mod_md_done = False
         self._settled_since: float | None = None
         self._quiet_needed = True
+        self._requested_at = float("-inf")
+        # Staging checks running for requests, by MD (see _check_staged).
+        self._checking: dict[str, asyncio.Future[CertSet]] = {}
         self._load_state()
         self._announced = self.properties()
 
@@ -308,7 +322,7 @@ class Engine:
             raise RateLimited("too many requests; try again later")
         validate_md_name(md)
         try:
-            staged = await self._caller_io(self.store.check_staged, md)
+            staged = await self._check_staged(md)
         except NothingStaged:
             active = await self._caller_io(_safe, self.store.active, md) if caller_uid == 0 else None
             if active is not None and self.refresh_failed.forget(md):
@@ -323,6 +337,30 @@ class Engine:
         planned, _ = self._schedule({md: staged}, override=(caller_uid == 0))
         await self._write_metrics()
         return planned
+
+    async def _check_staged(self, md: str) -> CertSet:
+        """The staged set's check (in a worker thread), shared by the requests for `md` that
+        arrive while it runs.
+
+        A burst's calls are released together by one polkit answer (authz.py): each checking on
+        its own re-read and re-parsed the same files (about two milliseconds of CPU) while the
+        rest of the burst waited. A request that arrives during a check takes its answer, which
+        is what it would have got a moment earlier; the next request after it checks again, and
+        the restart re-checks every set before it is carried out.
+        """
+        running = self._checking.get(md)
+        if running is None:
+            running = asyncio.ensure_future(self._caller_io(self.store.check_staged, md))
+            self._checking[md] = running
+            running.add_done_callback(lambda f: self._check_done(md, f))
+        # One caller giving up (its call was cancelled) must not cancel the others' check.
+        return await asyncio.shield(running)
+
+    def _check_done(self, md: str, check: asyncio.Future[CertSet]) -> None:
+        if self._checking.get(md) is check:
+            del self._checking[md]
+        if not check.cancelled():
+            check.exception()  # seen here, so a refusal nobody awaits any more is no warning
 
     async def dry_run(self, md: str, caller_uid: int) -> int:
         """What request() would answer now, scheduling nothing: the planned time, or its error.
@@ -378,6 +416,7 @@ class Engine:
                      + (" (root retries a set that failed before)" if was_failed else ""))
         if not added and refusal is not None:
             raise refusal
+        self._requested_at = now
         if set(self.scheduler.pending) != before:
             # job.json was looked at for another set of MDs: the early end needs a new look.
             self._mod_md_done, self._settled_since = False, None
@@ -611,7 +650,8 @@ class Engine:
                 # requests may arrive.
                 self._wakeup.clear()
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), min(delay, JOB_POLL_SECONDS))
+                    await asyncio.wait_for(self._wakeup.wait(),
+                                           min(delay, job_poll_seconds(self.clock() - self._requested_at)))
                 except TimeoutError:
                     pass
                 continue

@@ -47,6 +47,8 @@ class StateFile:
         self._log = log
         self._tmp_prefix = f".{name}.tmp-"
         self._corrupt_re = re.compile(re.escape(name) + r"\.corrupt-(\d{8}T\d{6}Z)(?:-(\d+))?")
+        # What the last save wrote and the file it made: saving the same again is skipped.
+        self._written: tuple[bytes, tuple[int, int, int]] | None = None
 
     def load(self) -> dict:
         """The saved object; {} when there is none or it is unusable (logged, moved aside).
@@ -178,6 +180,11 @@ class StateFile:
         blob = (json.dumps(data, allow_nan=False, separators=(",", ":")) + "\n").encode("utf-8")
         if len(blob) > MAX_SIZE:
             raise ValueError(f"state is {len(blob)} bytes, more than the {MAX_SIZE} load() accepts")
+        # A request that changes nothing (the same set asked for again, a burst of them) costs
+        # no disk flush; a file replaced or removed behind our back is written again.
+        if self._written is not None and self._written[0] == blob and self._identity() == self._written[1]:
+            return
+        self._written = None
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         tmp = os.path.join(self.directory, self._tmp_prefix + secrets.token_hex(8))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -203,3 +210,13 @@ class StateFile:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+        identity = self._identity()
+        if identity is not None:
+            self._written = (blob, identity)
+
+    def _identity(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns

@@ -92,6 +92,31 @@ async def test_check_authorization_is_asked_correctly(start_broker, client, allo
     assert flags == 0  # no interaction: the message did not allow it
 
 
+async def test_calls_waiting_for_the_same_polkit_answer_share_it(start_broker, client, allow, store):
+    # A burst from one connection: each call asking polkit on its own put 64 round trips
+    # through the bus daemon behind the burst itself.
+    storefactory.add_staged(store, MD, [MD])
+    await start_broker()
+    await allow.control(client, "SimulateHang", "b", [True])
+    requests = [asyncio.ensure_future(call(client, "RequestGracefulRestart", "s", [MD]))
+                for _ in range(10)]
+    # The broker reads a connection's messages in order: once this is answered, it has taken
+    # all ten calls above, and they all wait for polkit.
+    assert await get_property(client, "Version")
+    asking = await allow.calls(client, "CheckAuthorization")
+    while not asking:
+        asking = await allow.calls(client, "CheckAuthorization")
+    assert await get_property(client, "Version")
+    assert len(await allow.calls(client, "CheckAuthorization")) == 1
+    await allow.control(client, "ReleaseHangingCalls")
+    replies = await asyncio.gather(*requests)
+    assert [error_of(r) for r in replies] == [None] * 10
+    # Answers are not kept: the next call asks polkit again.
+    await allow.control(client, "SimulateHang", "b", [False])
+    assert error_of(await call(client, "RequestGracefulRestart", "s", [MD])) is None
+    assert len(await allow.calls(client, "CheckAuthorization")) == 2
+
+
 async def test_denied_caller_changes_nothing(start_broker, client, polkit, store, tmp_path):
     storefactory.add_staged(store, MD, [MD])
     broker = await start_broker(rate_burst=1, rate_per_second=0)

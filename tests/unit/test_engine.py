@@ -6,7 +6,7 @@ import json
 import pytest
 
 from broker.config import from_mapping
-from broker.engine import Engine
+from broker.engine import JOB_POLL_FIRST_SECONDS, JOB_POLL_SECONDS, Engine, job_poll_seconds
 from broker.errors import AlreadyFailed, NothingStaged, RateLimited, StagingInvalid
 from broker.restart import RestartOutcome
 from broker.staging import Store
@@ -311,6 +311,86 @@ async def test_no_quiet_wait_when_no_other_md_is_due(tmp_path, store):
     clock.t += 1.5
     await engine2.poll_mod_md()
     assert engine2.planned_at_usec <= int(clock.t * 1_000_000)
+
+
+async def _until(condition, timeout=5.0):
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+async def test_job_json_is_looked_at_often_right_after_a_request(tmp_path, store, monkeypatch):
+    # mod_md writes "notified-renewed" milliseconds after the hook's answer; a fixed
+    # quarter-second poll made every renewal wait 0.125 s on average for it to be seen.
+    storefactory.add_staged(store, MD, [MD], job={"notified-renewed": False})
+    clock = Clock()
+    apache = FakeApache(store)
+    engine, finished = make_engine(tmp_path, store, apache, clock, settle_seconds=3600)
+    waits: list[float] = []
+    real_wait_for = asyncio.wait_for
+
+    async def recording_wait_for(awaitable, timeout):
+        waits.append(timeout)
+        return await real_wait_for(awaitable, timeout)
+
+    monkeypatch.setattr(asyncio, "wait_for", recording_wait_for)
+    await engine.request(MD, caller_uid=33)
+    runner = asyncio.ensure_future(engine.run())
+    try:
+        await _until(lambda: len(waits) >= 3)
+        assert waits[:3] == [JOB_POLL_FIRST_SECONDS] * 3, waits
+        # A window that lasts is not polled busily: the interval grows back to the slow one.
+        clock.t += 2
+        seen = len(waits)
+        await _until(lambda: len(waits) > seen + 1)
+        assert waits[-1] == JOB_POLL_SECONDS, waits
+        storefactory.write_job(store, MD, {"notified-renewed": True})
+        await _until(lambda: finished)
+    finally:
+        runner.cancel()
+    assert apache.restarts == 1 and finished[0][0] is True
+
+
+def test_job_poll_interval_grows_with_the_time_since_the_request():
+    assert job_poll_seconds(0.0) == JOB_POLL_FIRST_SECONDS
+    assert JOB_POLL_FIRST_SECONDS < job_poll_seconds(0.2) < JOB_POLL_SECONDS
+    assert job_poll_seconds(5.0) == JOB_POLL_SECONDS
+    assert job_poll_seconds(float("inf")) == JOB_POLL_SECONDS  # no request yet (pending work restored)
+    assert job_poll_seconds(-30.0) == JOB_POLL_SECONDS  # the wall clock stepped back
+
+
+async def test_requests_arriving_during_a_staging_check_share_it(tmp_path, store, monkeypatch):
+    # A burst's calls come back from polkit together: each checking on its own re-read and
+    # re-parsed the same staged files while the rest of the burst waited.
+    storefactory.add_staged(store, MD, [MD])
+    engine, _ = make_engine(tmp_path, store, FakeApache(store), Clock())
+    checks = []
+    real_check = engine.store.check_staged
+    monkeypatch.setattr(engine.store, "check_staged", lambda md: (checks.append(md), real_check(md))[1])
+    planned = await asyncio.gather(*(engine.request(MD, caller_uid=33) for _ in range(5)))
+    assert len(checks) == 1 and len(set(planned)) == 1
+    assert engine.scheduler.pending[MD].fingerprint == storefactory.read_staged_fingerprint(store, MD)
+    # A request after that check checks again: it sees a set staged since.
+    storefactory.add_staged(store, MD, [MD])
+    await engine.request(MD, caller_uid=33)
+    assert len(checks) == 2
+    assert engine.scheduler.pending[MD].fingerprint == storefactory.read_staged_fingerprint(store, MD)
+
+
+async def test_a_refusal_is_shared_by_the_requests_waiting_for_it_and_not_kept(tmp_path, store, monkeypatch):
+    engine, _ = make_engine(tmp_path, store, FakeApache(store), Clock())
+    checks = []
+    real_check = engine.store.check_staged
+    monkeypatch.setattr(engine.store, "check_staged", lambda md: (checks.append(md), real_check(md))[1])
+    results = await asyncio.gather(*(engine.request(MD, caller_uid=33) for _ in range(3)),
+                                   return_exceptions=True)
+    assert all(isinstance(r, NothingStaged) for r in results), results
+    assert len(checks) == 1 and not engine.pending
+    storefactory.add_staged(store, MD, [MD])
+    await engine.request(MD, caller_uid=33)
+    assert len(checks) == 2 and engine.pending
 
 
 async def test_an_invented_md_gets_no_restart(tmp_path, store):

@@ -240,3 +240,34 @@ def test_symlink_swapped_in_after_check_is_not_followed(d, tmp_path, monkeypatch
     log = Log()
     assert StateFile(str(d), log=log).load() == {}
     assert len(log) == 1 and "symbolic link" in log[0]
+
+
+def test_saving_what_is_saved_already_touches_no_disk(d, monkeypatch):
+    # A burst of requests for a set already pending saves the same state each time: a flush
+    # per request (several ms each) held up every other caller.
+    sf = StateFile(str(d))
+    sf.save({"a": 1})
+    flushes = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(state_mod.os, "fsync", lambda fd: (flushes.append(fd), real_fsync(fd)))
+    sf.save({"a": 1})
+    assert flushes == []
+    sf.save({"a": 2})
+    assert len(flushes) == 2  # the file and its directory
+    assert sf.load() == {"a": 2}
+
+
+@pytest.mark.parametrize("meddle", ["remove", "replace"])
+def test_same_state_is_written_again_when_the_file_changed_behind(d, meddle):
+    sf = StateFile(str(d))
+    sf.save({"a": 1})
+    path = os.path.join(d, "state.json")
+    if meddle == "remove":
+        os.unlink(path)
+    else:
+        other = os.path.join(d, "other")
+        with open(other, "w") as f:
+            f.write('{"a": 0}\n')
+        os.replace(other, path)
+    sf.save({"a": 1})
+    assert StateFile(str(d)).load() == {"a": 1}
