@@ -15,13 +15,14 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from . import __version__, log, selftest
+from . import __version__, log, metrics, selftest, storelock
 from .config import Config
 from .due import others_due
-from .errors import BrokerError, InvalidName, NothingStaged, RateLimited
+from .errors import AlreadyFailed, BrokerError, InvalidName, NothingStaged, RateLimited
 from .ratelimit import RateLimiter
 from .restart import Restarter, RestartOutcome
 from .scheduler import MAX_PENDING, MAX_REASON_LEN, Scheduler, check_fingerprint
+from .served import RefreshMemory, Served, behind, probe_all, sni_name
 from .staging import CertSet, Store, validate_md_name
 from .state import StateFile
 from .text import MAX_TEXT, is_safe, safe
@@ -52,10 +53,12 @@ MAX_RESULT = MAX_TEXT
 STATE_VERSION = 1
 _STATE_KEYS = frozenset({"version", "scheduler", "in_progress", "last_restart_usec", "last_result"})
 # Keys added after version 1, absent in older files; each one is checked where it is read.
-_STATE_OPTIONAL_KEYS = frozenset({"last_result_usec"})
+_STATE_OPTIONAL_KEYS = frozenset({"last_result_usec", "refresh_pending", "refresh_failed", "restarts"})
 
 T = TypeVar("T")
 Verifier = Callable[[Store, Mapping[str, CertSet], Sequence[str], float], Awaitable[Verdict]]
+# (probe addresses, md -> SNI name) -> md -> what each address serves
+Prober = Callable[[Sequence[str], Mapping[str, str]], Awaitable[dict[str, list[Served]]]]
 
 
 def _usec(t: float) -> int:
@@ -79,6 +82,8 @@ class Engine:
         *,
         clock: Callable[[], float] = time.time,
         verifier: Verifier | None = None,
+        prober: Prober | None = None,
+        store_lock: Callable[[], Awaitable[object]] | None = None,
     ):
         self.cfg = cfg
         self.store = store
@@ -90,6 +95,15 @@ class Engine:
         self.verifier: Verifier = verifier or (
             lambda st, batch, probes, timeout: verify_activation(st, batch, probes, timeout,
                                                                  run=self._loop_io))
+        self.prober: Prober = prober or (lambda probes, names: probe_all(probes, names))
+        self.store_lock = store_lock or (lambda: storelock.wait_until_free(cfg.md_store))
+        # Cluster: MDs scheduled because this node serves them behind the store (md -> the
+        # active fingerprint), and refresh restarts that did not help (never repeated).
+        self.refresh_pending: dict[str, str] = {}
+        self.refresh_failed = RefreshMemory()
+        self.last_served: dict[str, list[Served]] = {}
+        self._probe_task: asyncio.Future[dict[str, list[Served]]] | None = None
+        self.restart_counts: dict[str, int] = {"ok": 0, "failed": 0}
         self.limiter = RateLimiter(cfg.rate_burst, cfg.rate_per_second)
         self.scheduler = Scheduler(cfg.settle_seconds, cfg.min_interval_seconds)
         self.last_restart_usec = 0
@@ -125,6 +139,8 @@ class Engine:
                 self.state.discard(f"has unusable content ({safe(e)})")
                 self.scheduler = Scheduler(self.cfg.settle_seconds, self.cfg.min_interval_seconds)
                 self.last_restart_usec, self.last_result, self.last_result_usec = 0, "", 0
+                self.refresh_pending, self.refresh_failed = {}, RefreshMemory()
+                self.restart_counts = {"ok": 0, "failed": 0}
                 self._save()
         if self.scheduler.pending:
             log.notice(f"resuming pending restart for {', '.join(sorted(self.scheduler.pending))}")
@@ -159,11 +175,28 @@ class Engine:
         if not is_safe(last_result, MAX_RESULT) or not (
                 last_result in ("", "ok") or last_result.startswith("failed: ")):
             raise ValueError("last_result is not a printable result of bounded length")
+        # The cluster's keys (added after version 1: absent is empty).
+        refresh_pending = data.get("refresh_pending") or {}
+        if not isinstance(refresh_pending, dict) or len(refresh_pending) > MAX_PENDING:
+            raise ValueError(f"refresh_pending is not a map of at most {MAX_PENDING} entries")
+        for md, fingerprint in refresh_pending.items():
+            try:
+                validate_md_name(md)
+            except InvalidName:
+                raise ValueError("refresh_pending names an invalid MD") from None
+            check_fingerprint("refresh_pending", fingerprint)
+        refresh_failed = RefreshMemory.from_dict(data.get("refresh_failed") or {})
+        counts = data.get("restarts") or {}
+        if not isinstance(counts, dict) or not all(
+                k in ("ok", "failed") and type(v) is int and 0 <= v < 2**63 for k, v in counts.items()):
+            raise ValueError("restarts is not a count per result")
         left_out = scheduler.restore(in_progress, self.clock()) if in_progress else []
         for md in left_out:
             log.warning(f"{md}: not resumed: {MAX_PENDING} MDs already pending")
         self.scheduler, self.last_restart_usec, self.last_result = scheduler, last_restart, last_result
         self.last_result_usec = last_result_usec
+        self.refresh_pending, self.refresh_failed = dict(refresh_pending), refresh_failed
+        self.restart_counts = {"ok": counts.get("ok", 0), "failed": counts.get("failed", 0)}
 
     def _save(self, in_progress: Mapping[str, str] | None = None) -> None:
         data = {
@@ -173,6 +206,9 @@ class Engine:
             "last_restart_usec": self.last_restart_usec,
             "last_result": self.last_result,
             "last_result_usec": self.last_result_usec,
+            "refresh_pending": dict(self.refresh_pending),
+            "refresh_failed": self.refresh_failed.to_dict(),
+            "restarts": dict(self.restart_counts),
         }
         try:
             self.state.save(data)
@@ -206,10 +242,14 @@ class Engine:
             self._settled_since = now
         return not self._quiet_needed or now - self._settled_since >= QUIET_SECONDS
 
-    def _mod_md_done_now(self, pending: tuple[str, ...]) -> bool:
-        """In a worker thread: job.json shows every MD of `pending` notified, none other renewing."""
+    def _mod_md_done_now(self, pending: tuple[str, ...], refreshes: frozenset[str] = frozenset()) -> bool:
+        """In a worker thread: job.json shows every MD of `pending` notified, none other renewing.
+
+        `refreshes` (served behind the store, nothing staged) have no job of mod_md's to wait for.
+        """
         try:
-            return bool(pending) and all(self.store.job_notified(md) for md in pending) and not any(
+            return bool(pending) and all(
+                md in refreshes or self.store.job_notified(md) for md in pending) and not any(
                 md not in pending for md in self.store.renewals_in_progress())
         except (BrokerError, OSError) as e:
             # An unreadable store only costs the early end: the settle time still ends the window.
@@ -219,7 +259,8 @@ class Engine:
     async def poll_mod_md(self) -> None:
         """Look at job.json again (in a worker thread) for the early end of the settle window."""
         pending = tuple(self.scheduler.pending)
-        done = bool(pending) and await self._loop_io(self._mod_md_done_now, pending)
+        refreshes = frozenset(md for md, p in self.scheduler.pending.items() if self._is_refresh(md, p.fingerprint))
+        done = bool(pending) and await self._loop_io(self._mod_md_done_now, pending, refreshes)
         if tuple(self.scheduler.pending) != pending:
             done = False  # the plan changed while we looked: look again next time
         if not done:
@@ -280,8 +321,21 @@ class Engine:
         if not self.limiter.allow(caller_uid, self.clock()):
             raise RateLimited("too many requests; try again later")
         validate_md_name(md)
-        staged = await self._check_staged(md)
+        try:
+            staged = await self._check_staged(md)
+        except NothingStaged:
+            active = await self._caller_io(_safe, self.store.active, md) if caller_uid == 0 else None
+            if active is not None and self.refresh_failed.forget(md):
+                log.info(f"{md}: root retries the restart that did not make this node serve "
+                         "the active certificate")
+                return await self._schedule_refresh({md: active}, override=True)
+            if active is not None and self._is_refresh(md, active.fingerprint):
+                # A refresh held back (config test): root retries it now, as for a staged set.
+                log.info(f"{md}: root retries the held-back restart for the active certificate")
+                return await self._schedule_refresh({md: active}, override=True)
+            raise
         planned, _ = self._schedule({md: staged}, override=(caller_uid == 0))
+        await self._write_metrics()
         return planned
 
     async def _check_staged(self, md: str) -> CertSet:
@@ -400,8 +454,126 @@ class Engine:
             return [], self.planned_at_usec
         return sorted(added), planned
 
-    def _status_of_mds(self, pending: frozenset[str], failed: Mapping[str, str]) -> list[dict[str, Any]]:
-        """In a worker thread: the per-MD part of status() (`pending`, `failed`: snapshots)."""
+    async def check(self) -> tuple[list[str], int]:
+        """CheckAll: every valid staged set, and every MD this node serves behind the store."""
+        scheduled, planned = await self.check_all()
+        served = await self.probe_served()
+        refresh: dict[str, CertSet] = {}
+        for md, entries in served.items():
+            if md in self.scheduler.pending:
+                continue  # a restart is coming anyway
+            active = await self._caller_io(_safe, self.store.active, md)
+            name = None if active is None else sni_name(active)
+            if active is None or name is None:
+                continue
+            lagging = behind(entries, active, name)
+            if not lagging:
+                continue
+            what = ", ".join(f"{e.probe} serves serial {e.serial}" for e in lagging)
+            if self.refresh_failed.failed_before(md, active.fingerprint):
+                log.notice(f"{md}: served behind the store ({what}), but a restart did not change "
+                           "that before; not restarted again (root may request it)")
+                continue
+            log.notice(f"{md}: served behind the store ({what}; active serial "
+                       f"{', '.join(c.serial for c in active.certs)}): restart planned")
+            refresh[md] = active
+        if refresh:
+            planned = await self._schedule_refresh(refresh)
+            scheduled = sorted(set(scheduled) | (set(refresh) & set(self.refresh_pending)))
+        else:
+            await self._write_metrics()
+        return scheduled, planned
+
+    def _is_refresh(self, md: str, fingerprint: str) -> bool:
+        return self.refresh_pending.get(md) == fingerprint
+
+    async def _schedule_refresh(self, sets: Mapping[str, CertSet], override: bool = False) -> int:
+        """Schedule restarts that make this node serve the active sets (no staged set involved).
+
+        `override`: root asked, which (as for a staged set) also ends a retry's back-off."""
+        now = self.clock()
+        before = set(self.scheduler.pending)
+        for md, active in sets.items():
+            try:
+                self.scheduler.add(md, active.fingerprint, now, override=override)
+            except AlreadyFailed:
+                # This node failed to activate exactly this set itself: the scheduler's rule.
+                log.notice(f"{md}: the active set failed to activate here before; not scheduled")
+                continue
+            except RateLimited as e:  # the plan is at MAX_PENDING
+                log.warning(f"{md}: restart not scheduled: {e.message}")
+                continue
+            self.refresh_pending[md] = active.fingerprint
+        if set(self.scheduler.pending) != before:
+            self._mod_md_done, self._settled_since = False, None
+        planned_at = self._planned_at(now)
+        self._save()
+        self._announce()
+        self._wakeup.set()
+        await self._write_metrics()
+        return _usec(max(now, planned_at)) if planned_at is not None else self.planned_at_usec
+
+    def _probe_names(self, mds: Sequence[str] | None) -> dict[str, str]:
+        """In a worker thread: md -> the SNI name to probe, for each MD managed by this Apache
+        (domains/<md>/, root-owned and written by mod_md, has a set with a non-wildcard name)."""
+        names: dict[str, str] = {}
+        for md in self.store.list_mds() if mds is None else mds:
+            active = _safe(self.store.active, md)
+            name = None if active is None else sni_name(active)
+            if name is not None:
+                names[md] = name
+        return names
+
+    async def probe_served(self, mds: Sequence[str] | None = None, fresh: bool = True) -> dict[str, list[Served]]:
+        """Ask every probe address what it serves for each managed MD (bounded in time).
+
+        Not `fresh` (GetStatus): a round for every MD that is already under way is joined, not
+        repeated: the monitoring group may call GetStatus as often as it likes, and each call
+        must not cost a round of TLS handshakes. What decides a restart (CheckAll, the look
+        after a restart) starts its own round: one begun before a restart would show what
+        Apache served before it.
+        """
+        if mds is not None:
+            return await self._probe_round(mds)
+        if fresh or self._probe_task is None or self._probe_task.done():
+            self._probe_task = asyncio.ensure_future(self._probe_round(None))
+        # shield: a caller that goes away (its D-Bus call timed out) leaves the round to the others.
+        return await asyncio.shield(self._probe_task)
+
+    async def _probe_round(self, mds: Sequence[str] | None) -> dict[str, list[Served]]:
+        if not self.cfg.probe:
+            self.last_served = {}
+            return {}
+        names = await self._caller_io(self._probe_names, mds)
+        served = await self.prober(self.cfg.probe, names)
+        if mds is None:
+            self.last_served = dict(served)
+        else:
+            self.last_served.update(served)
+        return served
+
+    async def status_probed(self) -> dict[str, Any]:
+        """GetStatus: `status` with what every probe address serves right now."""
+        await self.probe_served(fresh=False)
+        status = await self.status()
+        await self._write_metrics(status)
+        return status
+
+    async def _write_metrics(self, status: dict[str, Any] | None = None) -> None:
+        """The Prometheus file (metrics_file), after each event and check; never raises."""
+        if not self.cfg.metrics_file:
+            return
+        try:
+            status = status or await self.status()
+            await self._caller_io(metrics.write, self.cfg.metrics_file, status, dict(self.restart_counts))
+        except Exception as e:  # the file is a report: it must never stop the broker
+            log.warning(f"could not write the metrics file: {type(e).__name__}: {e}")
+
+    def _status_of_mds(self, pending: frozenset[str], failed: Mapping[str, str],
+                       served_now: Mapping[str, list[Served]], refresh_failed: Mapping[str, str]
+                       ) -> list[dict[str, Any]]:
+        """In a worker thread: the per-MD part of status() (`pending`, `failed`, `served_now`,
+        `refresh_failed`: snapshots)."""
         mds = []
         for md in self.store.list_mds():
             entry: dict[str, Any] = {"name": md, "active": None, "staged": None,
@@ -420,13 +592,22 @@ class Engine:
                 pass
             except BrokerError as e:
                 entry["staged"] = {"valid": False, "problem": e.message}
+            served = served_now.get(md, [])
+            entry["served"] = [s.to_json() for s in served]
+            # Cluster: this node serves an older certificate than the store's active one, and
+            # whether a restart for exactly that already failed to change it (not repeated).
+            name = None if active is None else sni_name(active)
+            entry["served_behind"] = bool(active is not None and name is not None and behind(served, active, name))
+            entry["served_behind_failed"] = bool(
+                active is not None and refresh_failed.get(md) == active.fingerprint)
             mds.append(entry)
         return mds
 
     async def status(self) -> dict[str, Any]:
         """Everything the admin command shows, as plain JSON-able data."""
         mds = await self._caller_io(self._status_of_mds, frozenset(self.scheduler.pending),
-                                    dict(self.scheduler.failed))
+                                    dict(self.scheduler.failed), dict(self.last_served),
+                                    self.refresh_failed.to_dict())
         props = self.properties()
         now = self.clock()
         settled = self._settled(now)
@@ -454,6 +635,7 @@ class Engine:
 
     async def run(self) -> None:
         """Carry out planned restarts, forever."""
+        await self._write_metrics()  # a fresh file at start: the previous one may be a broker ago
         while True:
             await self.poll_mod_md()
             planned = self._planned_at(self.clock())
@@ -485,14 +667,23 @@ class Engine:
             await self._restart_batch(batch)
         finally:
             self.restarting = False
+            # Whatever became of them, these refresh requests are answered (a new check asks
+            # again), except those held back for a retry: they are pending again, as they were.
+            for md, fingerprint in batch.items():
+                again = self.scheduler.pending.get(md)
+                if self._is_refresh(md, fingerprint) and (again is None or again.fingerprint != fingerprint):
+                    del self.refresh_pending[md]
             self._save()
 
     async def _restart_batch(self, batch: Mapping[str, str]) -> None:
+        refreshing = frozenset(md for md, fp in batch.items() if self._is_refresh(md, fp))
         sets, already_active, dropped = await self._loop_io(
-            self._recheck, batch, dict(self.scheduler.failed))
+            self._recheck, batch, dict(self.scheduler.failed), refreshing)
         # The last look before the restart: a set swapped while (or after) it was verified is
-        # not what was verified, so it is not restarted for.
-        changed, activated = await self._loop_io(self._changed_since_check, sets)
+        # not what was verified, so it is not restarted for. (A refresh is for the active set:
+        # nothing staged to swap.)
+        changed, activated = await self._loop_io(
+            self._changed_since_check, {md: s for md, s in sets.items() if md not in refreshing})
         for md in changed:
             del sets[md]
             dropped.append(f"{md}: staged set changed after verification")
@@ -510,6 +701,8 @@ class Engine:
                 self._finish(False, f"no restart: {'; '.join(dropped)}", names)
             self._announce()
             return
+        # Another node of a cluster may be activating from the shared store right now.
+        await self.store_lock()
         outcome: RestartOutcome = await self.restarter.restart()
         now = self.clock()
         self.last_result_usec = _usec(now)
@@ -518,7 +711,8 @@ class Engine:
         if outcome.issued:
             self.scheduler.record_restart(now)
             self.last_restart_usec = _usec(now)
-        fingerprints = {md: s.fingerprint for md, s in sets.items()}
+        refreshes = {md: s for md, s in sets.items() if md in refreshing}
+        fingerprints = {md: s.fingerprint for md, s in sets.items() if md not in refreshes}
         if outcome.ok:
             verdict = await self.verifier(self.store, sets, self.cfg.probe, self.cfg.verify_timeout_seconds)
             self._forget(self.scheduler.record_outcome(fingerprints, set(verdict.activated)))
@@ -529,9 +723,35 @@ class Engine:
                 verdict = await self.verifier(self.store, sets, (), 0.0)
                 self._forget(self.scheduler.record_outcome(fingerprints, set(verdict.activated)))
             ok, detail = False, outcome.detail
+        if refreshes:
+            await self._record_refreshes(refreshes, issued=outcome.issued)
         if dropped:
             detail += f" ({len(dropped)} MD(s) dropped before the restart: {'; '.join(dropped)})"
+        self.restart_counts["ok" if ok else "failed"] += 1
         self._finish(ok, detail, names)
+        if self.cfg.metrics_file:
+            if not refreshes:  # (those were probed just now)
+                await self.probe_served()
+            await self._write_metrics()
+
+    async def _record_refreshes(self, refreshes: Mapping[str, CertSet], issued: bool) -> None:
+        """Remember each MD that the restart did not bring up to the store, so it is not repeated.
+
+        A restart that was never issued (config test failed, Apache not running) proved nothing:
+        the next check may try again, as it does for staged sets.
+        """
+        if not issued:
+            return
+        served = await self.probe_served()
+        for md, active in refreshes.items():
+            entries = served.get(md, [])
+            name = sni_name(active)
+            fixed = bool(entries) and name is not None and not any(e.error for e in entries) \
+                and not behind(entries, active, name)
+            if not fixed:
+                self.refresh_failed.remember(md, active.fingerprint)
+                log.warning(f"{md}: the restart did not make this node serve the active certificate; "
+                            "it will not be restarted for it again (root may request it)")
 
     def _finish(self, ok: bool, detail: str, names: list[str]) -> None:
         """Record and announce a restart's result: LastResult, the log, RestartFinished."""
@@ -578,10 +798,12 @@ class Engine:
              else changed).append(md)
         return changed, activated
 
-    def _recheck(self, batch: Mapping[str, str], failed: Mapping[str, str]
+    def _recheck(self, batch: Mapping[str, str], failed: Mapping[str, str],
+                 refreshing: frozenset[str] = frozenset()
                  ) -> tuple[dict[str, CertSet], list[str], list[str]]:
         """In a worker thread: look at each MD again just before restarting, since staging may
-        have changed meanwhile. `failed` is a snapshot of the scheduler's."""
+        have changed meanwhile. `failed` is a snapshot of the scheduler's; `refreshing` the MDs
+        of the batch that are restarted for being served behind the store."""
         sets: dict[str, CertSet] = {}
         already_active: list[str] = []
         dropped: list[str] = []
@@ -590,7 +812,9 @@ class Engine:
                 staged = self.store.check_staged(md)
             except NothingStaged:
                 active = _safe(self.store.active, md)
-                if active is not None and active.fingerprint == fingerprint:
+                if active is not None and active.fingerprint == fingerprint and md in refreshing:
+                    sets[md] = active  # served behind the store: the restart is the point
+                elif active is not None and active.fingerprint == fingerprint:
                     already_active.append(md)
                 else:
                     dropped.append(f"{md}: nothing staged any more")

@@ -11,6 +11,8 @@ OBJECT_PATH = "/org/masysma/ApacheRestart"
 INTERFACE = "org.masysma.ApacheRestart"
 ERROR_PREFIX = "org.masysma.ApacheRestart.Error."
 POLKIT_ACTION = "org.masysma.apacherestart.graceful-restart"
+# Reading GetStatus without being root (the monitoring plugin): granted to a group by a rule.
+POLKIT_ACTION_READ_STATUS = "org.masysma.apacherestart.read-status"
 
 # The standard name for a refused caller, as systemd and fwupd use it.
 ERROR_ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"

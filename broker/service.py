@@ -225,13 +225,15 @@ class ApacheRestartService:
         return "t", [planned]
 
     async def _get_status(self, msg: Message) -> tuple[str, list[Any]]:
-        await self.authorizer.require_root(msg.sender)
+        interactive = bool(int(msg.flags) & FLAG_ALLOW_INTERACTIVE_AUTHORIZATION)
+        await self.authorizer.require_root_or(msg.sender, names.POLKIT_ACTION_READ_STATUS, interactive,
+                                              "not authorized to read the status")
         # json.dumps escapes every control and non-ASCII character (ensure_ascii).
-        return "s", [json.dumps(await self.engine.status(), sort_keys=True)]
+        return "s", [json.dumps(await self.engine.status_probed(), sort_keys=True)]
 
     async def _check_all(self, msg: Message) -> tuple[str, list[Any]]:
         await self.authorizer.require_root(msg.sender)
-        scheduled, planned = await self.engine.check_all()
+        scheduled, planned = await self.engine.check()
         log.info(f"check of every MD: {len(scheduled)} scheduled" + (f" ({', '.join(scheduled)})" if scheduled else ""))
         return "ast", [scheduled, planned]
 

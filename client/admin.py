@@ -5,6 +5,8 @@
     apache-restart [--bus-address ADDRESS] [--timeout SECONDS] check-all
     apache-restart [--bus-address ADDRESS] [--timeout SECONDS] test [--apache-user USER] [NAME]
     apache-restart [--bus-address ADDRESS] watch
+    apache-restart [--bus-address ADDRESS] [--timeout SECONDS] check [--warning DAYS]
+                   [--critical DAYS] [--pending-hours H]   (monitoring plugin: exits 0-3)
 
 Exit status:
     0  done
@@ -12,7 +14,8 @@ Exit status:
        for test: a check failed
     2  usage error
     3  try again later: the broker is not reachable, did not answer, is busy or failed
-    4  access denied (status and check-all need root; request needs the polkit action)
+    4  access denied (check-all and test need root, status root or the monitoring group;
+       request needs the polkit action)
 """
 
 from __future__ import annotations
@@ -27,13 +30,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from broker import __version__, names
 from broker.dbuslib import Message, MessageType
 from broker.text import safe
 
-from . import call
+from . import call, monitor
 from .call import Connection, Failure, format_planned, format_usec, one_line
 
 PROG = "apache-restart"
@@ -46,8 +49,11 @@ EXIT_TEMPORARY = 3
 EXIT_DENIED = 4
 
 
-# Commands the broker answers only for root, and the method behind each.
+# Commands the broker answers only for root (status: also for the monitoring group), the
+# method behind each, and who may call it.
 ROOT_ONLY = {"status": "GetStatus", "check-all": "CheckAll", "test": "SelfTest"}
+MAY_CALL = {"status": ("run as root or as a member of the monitoring group", "root and whom polkit grants "
+                       f"{names.POLKIT_ACTION_READ_STATUS}")}
 CANNOT_START_HINT = ("check the configuration with 'apache-restart-broker --check-config' and the "
                      f"broker's log with 'journalctl -u {names.BROKER_UNIT}'; once fixed, start it with "
                      f"'systemctl start {names.BROKER_UNIT}' (or your init system's equivalent)")
@@ -59,7 +65,8 @@ def _fail(f: Failure, what: str) -> int:
     what = _show(what)  # it may quote a name given on the command line
     if f.kind == call.DENIED and command in ROOT_ONLY and os.geteuid() != 0:
         # One sentence instead of the bus daemon's rule dump: the cause is always the same.
-        print(f"{PROG}: {what}: run as root (the broker answers {ROOT_ONLY[command]} only for root)",
+        who, answered = MAY_CALL.get(command, ("run as root", "root"))
+        print(f"{PROG}: {what}: {who} (the broker answers {ROOT_ONLY[command]} only for {answered})",
               file=sys.stderr)
         return EXIT_DENIED
     if isinstance(f, call.ActivationStalled):
@@ -70,8 +77,8 @@ def _fail(f: Failure, what: str) -> int:
               file=sys.stderr)
         return EXIT_TEMPORARY
     if f.kind == call.DENIED:
-        hint = " (status and check-all need root; request needs the polkit action " \
-               f"{names.POLKIT_ACTION})"
+        hint = " (status needs root or the monitoring group, check-all needs root; request needs " \
+               f"the polkit action {names.POLKIT_ACTION})"
         print(f"{PROG}: {what}: access denied: {_show(f.describe(), 1000)}{hint}", file=sys.stderr)
         return EXIT_DENIED
     if f.kind == call.UNREACHABLE:
@@ -135,8 +142,9 @@ def _served_line(entry: dict, active: dict | None, now: float) -> str:
     active_sha = {c.get("sha256") for c in (active or {}).get("certs") or []}
     which = "the active certificate" if entry.get("sha256") in active_sha else "NOT the active certificate"
     not_after = int(entry.get("not_after_usec") or 0)
-    return (f"{probe}: serial {entry.get('serial', '?')}, {which}, "
-            f"{_days_left(not_after, now) if not_after else 'expiry unknown'}")
+    expiry = f"expires {format_usec(not_after)} ({_days_left(not_after, now)})" if not_after else "expiry unknown"
+    key_type = f"{entry['key_type']} " if entry.get("key_type") else ""
+    return f"{probe}: {key_type}serial {entry.get('serial', '?')}, {expiry}, {which}"
 
 
 def _restart_state(status: dict, props: dict, now: float) -> str:
@@ -168,6 +176,15 @@ def _next_step(md: dict, status: dict, now: float) -> str:
     """What happens to an MD's staged set next, and what an admin can do about it."""
     name = md.get("name", "?")
     staged = md.get("staged")
+    if staged is None and md.get("served_behind_failed"):
+        return ("served behind the store, and a restart did not change that: not retried on its own "
+                f"(is the probe address this Apache?); after fixing the cause: apache-restart request {name}")
+    if staged is None and md.get("pending"):
+        planned = int(status.get("planned_at_usec") or 0)
+        return f"restart {format_planned(planned, now)}, so that this node serves the store's active certificate"
+    if staged is None and md.get("served_behind"):
+        return ("served behind the store (another node activated a renewal): the next check-all (the check "
+                "timer) restarts this node; now: apache-restart check-all")
     if staged is None:
         return "nothing staged: nothing to do (mod_md stages a renewal before the certificate expires)"
     if not staged.get("valid"):
@@ -223,9 +240,9 @@ def render_status(status: dict, props: dict, now: float | None = None) -> str:
         for i, entry in enumerate(md.get("served") or []):
             out.append(_line("  served:" if i == 0 else "", _served_line(entry, active, now)))
         if staged and staged.get("valid"):
-            certs = ", ".join(f"{c.get('key_type', '?')} serial {c.get('serial', '?')}"
-                              for c in staged.get("certs") or [])
-            out.append(_line("  staged:", f"valid, since {format_usec(int(staged.get('since_usec') or 0))}: {certs}"))
+            # Per key type, like the active set: serial and expiry of what the restart brings.
+            out.append(_line("  staged:", f"valid, since {format_usec(int(staged.get('since_usec') or 0))}"))
+            out += [_line("", _cert_line(c, now)) for c in staged.get("certs") or []]
         elif staged:
             out.append(_line("  staged:", "INVALID"))
         else:
@@ -413,6 +430,32 @@ def cmd_test(args: argparse.Namespace) -> int:
     return EXIT_OK if all(s.get("ok") for s in steps) else EXIT_CHECK_FAILED
 
 
+# -- check (monitoring plugin) ---------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    for opt in ("warning", "critical", "pending_hours"):
+        value = getattr(args, opt)
+        if not 0 <= value <= 3650 * 24:
+            print(monitor.unknown(f"--{opt.replace('_', '-')} must be between 0 and 87600").line())
+            return monitor.UNKNOWN
+
+    async def work(conn: Connection) -> dict:
+        (text,) = await conn.call("GetStatus")
+        return json.loads(text)
+
+    try:
+        status = call.run(work, args.bus_address, args.timeout)
+        verdict = monitor.evaluate(status, time.time(), args.warning, args.critical, args.pending_hours) \
+            if isinstance(status, dict) else monitor.unknown("the broker's status is not a JSON object")
+    except Failure as f:
+        verdict = monitor.unknown(f"cannot ask the broker: {one_line(f.describe())}")
+    except ValueError as e:
+        verdict = monitor.unknown(f"the broker sent no valid JSON: {e}")
+    print(verdict.line())
+    return verdict.state
+
+
 # -- watch -----------------------------------------------------------------------------------
 
 
@@ -550,7 +593,29 @@ def _parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_check_all)
     w = sub.add_parser("watch", help="print restarts as the broker announces them")
     w.set_defaults(func=cmd_watch)
+    k = sub.add_parser("check", help="monitoring plugin: one line with perfdata, exit 0 OK, 1 WARNING, "
+                                     "2 CRITICAL, 3 UNKNOWN (root or the monitoring group)")
+    k.add_argument("--warning", type=float, metavar="DAYS", default=monitor.DEFAULT_WARNING_DAYS,
+                   help=f"WARNING when a certificate expires within DAYS (default {monitor.DEFAULT_WARNING_DAYS:g})")
+    k.add_argument("--critical", type=float, metavar="DAYS", default=monitor.DEFAULT_CRITICAL_DAYS,
+                   help=f"CRITICAL when it expires within DAYS (default {monitor.DEFAULT_CRITICAL_DAYS:g})")
+    k.add_argument("--pending-hours", type=float, metavar="H", default=monitor.DEFAULT_PENDING_HOURS,
+                   help="WARNING when a valid set waits in staging longer than H hours "
+                        f"(default {monitor.DEFAULT_PENDING_HOURS:g})")
+    # A monitoring system reads exit 2 as CRITICAL: a bad option is UNKNOWN (3) here.
+
+    def check_usage_error(message: str) -> NoReturn:
+        _check_usage(k, message)
+
+    k.error = check_usage_error  # type: ignore[method-assign]
+    k.set_defaults(func=cmd_check)
     return p
+
+
+def _check_usage(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    parser.print_usage(sys.stderr)
+    print(monitor.unknown(f"usage: {message}").line())
+    sys.exit(monitor.UNKNOWN)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,16 @@ BROKER_UNIT = "apache-restart-broker.service"
 CHECK_UNIT = "apache-restart-broker-check.service"
 TIMER = "apache-restart-broker-check.timer"
 DEFAULT_APACHE_USER = "www-data"
+# The group whose members may read the status for monitoring (apache-restart check): Debian's
+# nagios-nrpe-server, icinga2 and nagios4 all run their checks as group nagios.
+DEFAULT_MONITOR_GROUP = "nagios"
+# The bus policy ships its monitoring block commented out, because dbus-daemon warns about a
+# group it does not know; these lines open and close that comment around the block.
+MONITOR_BLOCK = ("\n  MONITOR-GROUP-BEGIN\n", "\n  MONITOR-GROUP-END -->")
+# The Debian package cannot edit the policy it ships: its postinst installs the block as a
+# file of its own in /etc/dbus-1/system.d when the group exists (this is its template).
+MONITOR_POLICY = "/etc/dbus-1/system.d/org.masysma.ApacheRestart-monitor.conf"
+MONITOR_POLICY_TEMPLATE = f"/usr/share/{PACKAGE}/monitor-group.conf"
 
 # The Python packages of the product; the test and demo harness is never installed.
 CODE_PACKAGES = ("broker", "client")
@@ -77,6 +87,8 @@ class DataFile:
     target: str                 # absolute path on the installed system; {unit_dir} filled in
     # (text in the shipped file, the same text with {user}): the Apache user goes there
     user_slot: tuple[str, str] | None = None
+    # the same for the monitoring group ({group})
+    group_slot: tuple[str, str] | None = None
     mode: int = 0o644
     # A unit's manual pages, as "name(section)": its Documentation= where the layout has them.
     manual: tuple[str, ...] = ()
@@ -88,7 +100,8 @@ class DataFile:
 DATA_FILES = (
     DataFile("dbus/org.masysma.ApacheRestart.conf",
              "/usr/share/dbus-1/system.d/org.masysma.ApacheRestart.conf",
-             ('<policy user="www-data">', '<policy user="{user}">')),
+             ('<policy user="www-data">', '<policy user="{user}">'),
+             ('<policy group="nagios">', '<policy group="{group}">')),
     DataFile("dbus/org.masysma.ApacheRestart.service",
              "/usr/share/dbus-1/system-services/org.masysma.ApacheRestart.service"),
     DataFile("dbus/org.masysma.ApacheRestart.xml",
@@ -98,6 +111,9 @@ DATA_FILES = (
     DataFile("polkit/49-apache-restart-broker.rules",
              "/usr/share/polkit-1/rules.d/49-apache-restart-broker.rules",
              ('subject.user == "www-data"', 'subject.user == "{user}"')),
+    DataFile("polkit/49-apache-restart-broker-monitor.rules",
+             "/usr/share/polkit-1/rules.d/49-apache-restart-broker-monitor.rules",
+             group_slot=('subject.isInGroup("nagios")', 'subject.isInGroup("{group}")')),
     DataFile("systemd/apache-restart-broker.service", "{unit_dir}/" + BROKER_UNIT,
              manual=("apache-restart-broker(8)", "apache-restart-broker.toml(5)")),
     DataFile("systemd/apache-restart-broker-check.service", "{unit_dir}/" + CHECK_UNIT,
@@ -105,6 +121,7 @@ DATA_FILES = (
     DataFile("systemd/apache-restart-broker-check.timer", "{unit_dir}/" + TIMER,
              manual=("apache-restart(8)",)),
 )
+BUS_POLICY = DATA_FILES[0]
 # Installed live only in command mode (scripts/install); the package ships it as an example
 # for the administrator to copy, since a package cannot know the mode of a config file it
 # does not own after installation.
@@ -122,14 +139,24 @@ def _program_pattern(path: str) -> re.Pattern[str]:
     return re.compile(re.escape(path) + r"(?![\w.-])")
 
 
-def render(item: DataFile, text: str, layout: Layout, apache_user: str) -> str:
-    """The installed content of `item` (whose source text is `text`) for this layout and user."""
+def _fill(item: DataFile, text: str, slot: tuple[str, str], **value: str) -> str:
+    shipped, template = slot
+    found = text.count(shipped)
+    if found != 1:
+        raise ManifestError(f"{item.source}: expected {shipped!r} once, found it {found} times")
+    return text.replace(shipped, template.format(**value))
+
+
+def render(item: DataFile, text: str, layout: Layout, apache_user: str,
+           monitor_group: str = DEFAULT_MONITOR_GROUP, monitor_enabled: bool = False) -> str:
+    """The installed content of `item` (whose source text is `text`) for this layout, Apache
+    user and monitoring group; the group's bus policy block is opened when `monitor_enabled`."""
     if item.user_slot is not None:
-        shipped, template = item.user_slot
-        found = text.count(shipped)
-        if found != 1:
-            raise ManifestError(f"{item.source}: expected {shipped!r} once, found it {found} times")
-        text = text.replace(shipped, template.format(user=apache_user))
+        text = _fill(item, text, item.user_slot, user=apache_user)
+    if item.group_slot is not None:
+        text = _fill(item, text, item.group_slot, group=monitor_group)
+        if monitor_enabled and MONITOR_BLOCK[0] in text:
+            text = text.replace(MONITOR_BLOCK[0], " -->\n").replace(MONITOR_BLOCK[1], "")
     if item.manual and layout.has_manual:
         docs = "Documentation=" + " ".join(f"man:{page}" for page in item.manual)
         text = re.sub(r"^(Description=.*\n)", lambda m: m.group(1) + docs + "\n", text, count=1,
@@ -144,6 +171,28 @@ def render(item: DataFile, text: str, layout: Layout, apache_user: str) -> str:
                 raise ManifestError(f"{item.source}: still names {program_path(other, program)} "
                                     f"for the {layout.name} layout")
     return text
+
+
+def monitor_policy(policy_text: str, group: str = DEFAULT_MONITOR_GROUP) -> str:
+    """The monitoring group's block of the bus policy (`policy_text`, the shipped source) as a
+    policy file of its own: what the Debian package's postinst installs when the group exists."""
+    begin, end = policy_text.find(MONITOR_BLOCK[0]), policy_text.find(MONITOR_BLOCK[1])
+    if begin < 0 or end < begin:
+        raise ManifestError("the bus policy has no monitoring block between its markers")
+    block = policy_text[begin + len(MONITOR_BLOCK[0]):end]
+    block = _fill(BUS_POLICY, block, BUS_POLICY.group_slot or ("", ""), group=group)
+    return f"""\
+<?xml version="1.0"?> <!--*-nxml-*-->
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<!-- apache-restart-broker: members of group {group} may read the broker's status for
+     monitoring (apache-restart check); polkit (org.masysma.apacherestart.read-status) is
+     asked on top of this. Installed by the package because the group exists; edit the
+     group here and in /etc/polkit-1/rules.d if your monitoring runs as another one. -->
+<busconfig>
+{block}
+</busconfig>
+"""
 
 
 def apache_snippet(layout: Layout) -> str:

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from broker import __version__
+from broker import __version__, names
 from broker import config as broker_config
 from broker import main as broker_main
 
@@ -139,8 +139,15 @@ def broker_page() -> str:
         "Apache's configuration test, restarts Apache gracefully (through systemd, or with "
         "apachectl) and verifies that the new certificate is active and served.",
         "It is started by D-Bus activation (systemd unit " + manifest.BROKER_UNIT + ") and, with "
-        "idle_exit_seconds set, exits when nothing is pending or running. A daily timer, "
-        + manifest.TIMER + ", asks it to activate any valid staged set whose hook message was lost.",
+        "idle_exit_seconds set, exits when nothing is pending or running. A timer, "
+        + manifest.TIMER + ", asks it every 5 minutes (at a stable per-host offset) to activate "
+        "any valid staged set whose hook message was lost and, where several Apache servers share "
+        "one MD store, to restart this one when a probe address serves an older certificate than "
+        "the one active in the store (another node activated the renewal). Before each restart "
+        "it waits while another node holds mod_md's store lock.",
+        "With metrics_file set it writes Prometheus metrics (certificate expiry per MD, key type "
+        "and where: staged, active, served; pending and last restarts) for node-exporter's "
+        "textfile collector.",
         "It logs to standard error, one line an event, with sd-daemon priority prefixes.")
     lines += [".SH OPTIONS", *tagged(options(parser))]
     lines += section("EXIT STATUS", "0 when stopped by a signal or idle; 1 on a fatal error (the bus "
@@ -151,6 +158,12 @@ def broker_page() -> str:
         ("/usr/share/dbus-1/system.d/org.masysma.ApacheRestart.conf", "the bus policy"),
         ("/usr/share/polkit-1/rules.d/49-apache-restart-broker.rules",
          "grants the restart action to the Apache user"),
+        ("/usr/share/polkit-1/rules.d/49-apache-restart-broker-monitor.rules",
+         "grants reading the status (" + names.POLKIT_ACTION_READ_STATUS + ") to group "
+         + manifest.DEFAULT_MONITOR_GROUP),
+        (manifest.MONITOR_POLICY, "the bus policy that lets group " + manifest.DEFAULT_MONITOR_GROUP
+         + " call GetStatus; made on installation where the group exists (template: "
+         + manifest.MONITOR_POLICY_TEMPLATE + ")"),
         (f"{layout.unit_dir}/{manifest.BROKER_UNIT}", "the sandboxed unit"),
     ])
     lines += see_also("apache-restart-broker")
@@ -158,7 +171,7 @@ def broker_page() -> str:
 
 
 def admin_page() -> str:
-    from client import admin
+    from client import admin, monitor
 
     parser = admin._parser()
     lines = header("apache-restart", 8, "System Administration", parser.description or "")
@@ -166,8 +179,9 @@ def admin_page() -> str:
     lines += section(
         "DESCRIPTION",
         "apache-restart talks to apache-restart-broker(8) on the system bus: it reads no "
-        "configuration file and not mod_md's store itself. status and check-all need root; "
-        "request is allowed to root and the Apache user.")
+        "configuration file and not mod_md's store itself. check-all and test need root; status "
+        "and check are allowed to root and the monitoring group (" + manifest.DEFAULT_MONITOR_GROUP
+        + "); request to root and the Apache user.")
     lines += [".SH OPTIONS", *tagged(options(parser))]
     lines += [".SH COMMANDS"]
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -187,6 +201,27 @@ def admin_page() -> str:
                                     "in time, is busy or failed"),
         (str(admin.EXIT_DENIED), "access denied"),
     ])]
+    lines += section(
+        "MONITORING PLUGIN",
+        "check follows the monitoring-plugins convention (Nagios, Icinga): one line, then | and "
+        "performance data (days left per MD, hours a valid set has waited staged, pending, MDs), "
+        "and exit statuses of its own, a bad option included:")
+    lines += tagged([
+        (str(monitor.OK), "OK"),
+        (str(monitor.WARNING), "WARNING: a certificate clients get expires within --warning days; a "
+                               "valid set has waited staged longer than --pending-hours; a staged "
+                               "set fails verification; a probe address cannot be asked"),
+        (str(monitor.CRITICAL), "CRITICAL: a certificate clients get (what a probe address serves, "
+                                "else the active one) expires within --critical days or has expired; "
+                                "a restart failed to activate the set that is still staged, or was held back (config "
+                                "test) while a valid set waits for it"),
+        (str(monitor.UNKNOWN), "UNKNOWN: the broker cannot be asked"),
+    ])
+    lines += para("The monitoring group may run it where its bus policy is installed ("
+                  + manifest.MONITOR_POLICY + "); the package makes that file on installation "
+                  "when group " + manifest.DEFAULT_MONITOR_GROUP + " exists. For another group, "
+                  "copy " + manifest.MONITOR_POLICY_TEMPLATE + " there and add a polkit rule for "
+                  "the action " + names.POLKIT_ACTION_READ_STATUS + " in /etc/polkit-1/rules.d.")
     lines += see_also("apache-restart")
     return "\n".join(lines) + "\n"
 

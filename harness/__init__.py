@@ -12,6 +12,7 @@ built package holds only ``broker`` and ``client``, so it never reaches a server
 from .apache import Apache, ApacheSettings, md_name
 from .bus import Polkitd, PrivateBus, check_authorization, name_has_owner
 from .certs import CertInfo, served_certificate
+from .node import Node, add_node
 from .pebble import Pebble
 from .procs import HarnessError, ManagedProcess, ProcessSpec, marked_pids
 from .recorder import HookCall, HookRecorder
@@ -25,12 +26,14 @@ __all__ = [
     "HookCall",
     "HookRecorder",
     "ManagedProcess",
+    "Node",
     "Pebble",
     "Polkitd",
     "PrivateBus",
     "ProcessSpec",
     "Stack",
     "StackOptions",
+    "add_node",
     "check_authorization",
     "marked_pids",
     "md_name",

@@ -72,6 +72,10 @@ class ApacheSettings:
     log_level: str = "warn md:info"
     extra_config: str = ""  # appended verbatim at the end (a test may break the config with it)
     env: dict[str, str] = field(default_factory=dict)  # added to Apache's environment
+    # Clusters: another node's MDStoreDir (None: server_root/md), MDRenewMode, MDStoreLocks.
+    store_dir: Path | None = None
+    renew_mode: str | None = None  # "auto", "manual", "always"
+    store_locks: str | None = None  # "on", "off" or a duration
 
 
 class Apache:
@@ -88,7 +92,7 @@ class Apache:
         self.lock_dir = root / "lock"
         self.log_dir = root / "logs"
         self.htdocs = root / "htdocs"
-        self.store_dir = root / "md"
+        self.store_dir = settings.store_dir or root / "md"
         self.error_log = self.log_dir / "error.log"
         self.binary = apache_binary()
 
@@ -185,6 +189,10 @@ class Apache:
             lines.append(f"MDRenewWindow {s.renew_window}")
         if s.private_keys is not None:
             lines.append(f"MDPrivateKeys {s.private_keys}")
+        if s.renew_mode is not None:
+            lines.append(f"MDRenewMode {s.renew_mode}")
+        if s.store_locks is not None:
+            lines.append(f"MDStoreLocks {s.store_locks}")
         if s.message_cmd:
             lines.append("MDMessageCmd " + " ".join(quote(t) for t in s.message_cmd))
         lines += [

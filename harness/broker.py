@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from broker.names import BUS_NAME, INTERFACE, OBJECT_PATH
 
@@ -41,6 +41,8 @@ from .apache import Apache
 from .bus import name_has_owner
 from .procs import HarnessError, ManagedProcess, ProcessSpec, make_dir, write_file
 
+if TYPE_CHECKING:
+    from .node import Node
 
 
 class Stack(Protocol):
@@ -142,10 +144,13 @@ def _check_hook_runs_as_apache_user(hook: Path, env: Mapping[str, str]) -> None:
 class BrokerHarness:
     """The broker of one stack: its config, process spec, logs, graceful count and bus watcher."""
 
-    def __init__(self, stack: Stack, options: BrokerOptions | None = None) -> None:
+    def __init__(self, stack: Stack, options: BrokerOptions | None = None, node: Node | None = None) -> None:
         self.stack = stack
+        # Another node of a cluster (harness/node.py): its own Apache, bus and process name.
+        self.node = node
+        self.name = "broker" if node is None else f"broker-{node.name}"
         self.options = options or BrokerOptions()
-        self.dir = stack.root / "broker"
+        self.dir = stack.root / self.name
         self.config_path = self.dir / "broker.toml"
         self.state_dir = self.dir / "state"
         self.graceful_log = self.dir / "gracefuls.log"
@@ -153,17 +158,31 @@ class BrokerHarness:
         self.trust_anchors = self.dir / "trust-anchors.pem"
         self.watcher: BusWatcher | None = None
 
+    # -- which node ----------------------------------------------------------------------------
+
+    @property
+    def apache(self) -> Any:
+        return self.stack.apache if self.node is None else self.node.apache
+
+    @property
+    def bus_address(self) -> str:
+        return self.stack.bus_address if self.node is None else self.node.bus_address
+
+    @property
+    def https_address(self) -> str:
+        return self.stack.https_address if self.node is None else self.node.https_address
+
     # -- configuration -------------------------------------------------------------------------
 
     def hook_argv(self) -> list[str]:
         """MDMessageCmd: the real hook on the stack's bus (mod_md appends REASON NAME)."""
-        argv = [str(hook_program()), "--bus-address", self.stack.bus_address]
+        argv = [str(hook_program()), "--bus-address", self.bus_address]
         if self.options.hook_timeout is not None:
             argv += ["--timeout", f"{self.options.hook_timeout:g}"]
         return argv
 
     def config_values(self) -> dict[str, Any]:
-        apache = self.stack.apache
+        apache = self.apache
         if apache is None:
             raise HarnessError("the broker's config needs Apache's (write it first)")
         o = self.options
@@ -179,7 +198,7 @@ class BrokerHarness:
             "settle_seconds": float(o.settle_seconds),
             "min_interval_seconds": float(o.min_interval_seconds),
             "verify_timeout_seconds": float(o.verify_timeout_seconds),
-            "probe": [self.stack.https_address] if o.probe else [],
+            "probe": [self.https_address] if o.probe else [],
             "state_dir": str(self.state_dir),
             "command_timeout_seconds": 30.0,
             # pebble's root alone (new at each start): its chains must verify up to it through
@@ -213,7 +232,7 @@ class BrokerHarness:
             "--config",
             str(self.config_path),
             "--bus-address",
-            stack.bus_address,
+            self.bus_address,
         ]
 
     def env(self, stack: Stack) -> dict[str, str]:
@@ -227,16 +246,16 @@ class BrokerHarness:
     def prepare(self, stack: Stack) -> None:
         _check_hook_runs_as_apache_user(hook_program(), stack.env())
         self.write_config()
-        self.watcher = BusWatcher(stack.bus_address)
+        self.watcher = BusWatcher(self.bus_address)
         stack.on_stop(self.watcher.close)
         self.watcher.start()
 
     def ready(self, stack: Stack) -> bool:
-        return name_has_owner(stack.bus_address, BUS_NAME)
+        return name_has_owner(self.bus_address, BUS_NAME)
 
     def spec(self) -> ProcessSpec[Stack]:
         return ProcessSpec(
-            "broker",
+            self.name,
             self.argv,
             env=self.env,
             prepare=self.prepare,
@@ -248,20 +267,20 @@ class BrokerHarness:
 
     def start(self) -> None:
         """Bring the broker back after ``stop`` (same config, same state folder)."""
-        self.stack.start_process("broker")
+        self.stack.start_process(self.name)
 
     def stop(self) -> None:
-        self.stack.stop_process("broker")
+        self.stack.stop_process(self.name)
 
     def running(self) -> bool:
-        proc = self.stack.processes.get("broker")
+        proc = self.stack.processes.get(self.name)
         return proc is not None and proc.running()
 
     # -- what it did ---------------------------------------------------------------------------
 
     @property
     def log_path(self) -> Path:
-        return self.stack.log_dir / "broker.log"
+        return self.stack.log_dir / f"{self.name}.log"
 
     def log_lines(self) -> list[str]:
         """The broker's log without the sd-daemon priority prefixes."""
@@ -290,7 +309,7 @@ class BrokerHarness:
     def admin(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         """The admin command (``apache-restart``) as root on the stack's bus."""
         return subprocess.run(
-            [sys.executable, "-m", "client.admin", "--bus-address", self.stack.bus_address, *args],
+            [sys.executable, "-m", "client.admin", "--bus-address", self.bus_address, *args],
             check=False,
             capture_output=True,
             text=True,

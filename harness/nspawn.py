@@ -300,8 +300,10 @@ def ensure_wheelhouse(source: Path, python: str = sys.executable) -> Path:
         (tmp / ".complete").write_text(spec + "\n")
         os.replace(tmp, wheels)
         _log(f"wheelhouse {wheels.name} built in {time.monotonic() - t0:.1f} s")
+        # Only earlier weeks' wheelhouses: this week's for another requirement list may be
+        # bind-mounted into another checkout's container right now.
         for old in CACHE_DIR.glob("wheels-*"):
-            if old != wheels:
+            if old != wheels and f"wheels-{_iso_week()}-" not in old.name:
                 shutil.rmtree(old, ignore_errors=True)
         return wheels
 

@@ -69,6 +69,8 @@ class StackOptions:
     message_cmd: Sequence[str] | Callable[[Stack], Sequence[str]] | None = None  # MDMessageCmd argv
     renew_window: str | None = None
     private_keys: str | None = None
+    renew_mode: str | None = None  # MDRenewMode (a cluster's renewing node: "auto")
+    store_locks: str | None = None  # MDStoreLocks (clusters sharing one store: "on")
     apache_log_level: str = "warn md:info"
     apache_extra_config: str = ""
     start_apache: bool = True
@@ -246,6 +248,8 @@ class Stack:
                 message_cmd=list(message_cmd) if message_cmd else None,
                 renew_window=o.renew_window,
                 private_keys=o.private_keys,
+                renew_mode=o.renew_mode,
+                store_locks=o.store_locks,
                 log_level=o.apache_log_level,
                 extra_config=o.apache_extra_config,
             ),

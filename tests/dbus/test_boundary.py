@@ -40,6 +40,9 @@ class AllowAll:
     async def require_root(self, bus_name):
         raise AccessDenied("only root may do this")
 
+    async def require_root_or(self, bus_name, action, interactive, refusal):
+        raise AccessDenied(refusal)
+
 
 class SlowAuthorizer(AllowAll):
     def __init__(self):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from pathlib import Path
 
 from broker import names
@@ -54,7 +55,11 @@ async def test_get_status_reply_has_exactly_the_documented_keys(start_broker, cl
     broken = storefactory.add_active(store, "c.example.test", ["c.example.test"])
     (broken.dir / "pubcert.pem").write_text("not a certificate\n")
     rec = await busutil.SignalRecorder(client).start()
-    broker = await start_broker()
+    # A probe address where nobody listens: each MD's "served" holds its error entry.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    broker = await start_broker(probe=[closed])
     (broker.control / "configtest-fails").write_text("")
     assert error_of(await call(client, "RequestGracefulRestart", "s", ["a.example.test"])) is None
     (finished,) = await rec.wait_for("RestartFinished")
@@ -67,6 +72,7 @@ async def test_get_status_reply_has_exactly_the_documented_keys(start_broker, cl
     assert status["retry"] is not None and by_name["a.example.test"]["staged"]["valid"] is True
     assert by_name["b.example.test"]["staged"]["valid"] is False
     assert "active_problem" in by_name["c.example.test"], by_name["c.example.test"]
+    assert by_name["a.example.test"]["served"][0]["probe"] == closed
 
     sent, documented = keys_of(status), documented_keys("GetStatus")
     assert sent - documented == set(), "GetStatus sends keys the interface XML does not name"

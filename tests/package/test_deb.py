@@ -35,6 +35,8 @@ DATA = {
     "/usr/share/dbus-1/system.d/org.masysma.ApacheRestart.conf",
     "/usr/share/polkit-1/actions/org.masysma.apacherestart.policy",
     "/usr/share/polkit-1/rules.d/49-apache-restart-broker.rules",
+    "/usr/share/polkit-1/rules.d/49-apache-restart-broker-monitor.rules",
+    f"{CODE}/monitor-group.conf",
     f"/usr/share/doc/{PKG}/changelog.gz",
     f"/usr/share/doc/{PKG}/copyright",
     f"/usr/share/doc/{PKG}/examples/command-mode.conf",
@@ -144,7 +146,7 @@ def test_conffiles_and_maintainer_scripts(deb: Path, tmp_path: Path) -> None:
     assert "apache2_invoke disconf apache-restart-broker" in prerm
     assert "apache2_invoke disconf apache-restart-broker" in postrm
     assert re.search(r'"purge".*\n(.*\n)*?\s*rm -rf /var/lib/apache-restart-broker\n', postrm)
-    # Only the daily timer is enabled; the broker itself is D-Bus activated.
+    # Only the check timer is enabled; the broker itself is D-Bus activated.
     assert "enable 'apache-restart-broker-check.timer'" in postinst
     assert "enable 'apache-restart-broker.service'" not in postinst
     # Units are debhelper's business: our own parts of the scripts call no systemctl.

@@ -30,7 +30,7 @@ def stage(tmp_path: Path, *args: str) -> Path:
 
 
 def test_render_writes_each_layouts_program_paths() -> None:
-    unit = manifest.DATA_FILES[5]
+    unit = next(f for f in manifest.DATA_FILES if f.source == "systemd/apache-restart-broker.service")
     text = (REPO / unit.source).read_text()
     assert "ExecStart=/usr/local/sbin/apache-restart-broker\n" in text
     assert manifest.render(unit, text, manifest.LOCAL, "www-data") == text
@@ -42,7 +42,7 @@ def test_render_writes_each_layouts_program_paths() -> None:
 
 
 def test_render_refuses_a_path_of_the_other_layout() -> None:
-    unit = manifest.DATA_FILES[5]
+    unit = next(f for f in manifest.DATA_FILES if f.source == "systemd/apache-restart-broker.service")
     with pytest.raises(manifest.ManifestError, match="still names /usr/sbin/apache-restart-broker"):
         manifest.render(unit, "ExecStart=/usr/sbin/apache-restart-broker\n", manifest.LOCAL, "www-data")
 
@@ -85,7 +85,7 @@ def _config(text: str) -> broker_config.Config:
 def test_installer_config_lets_the_broker_exit_when_idle_only_where_activation_restarts_it() -> None:
     inst = _installer()
     args = argparse.Namespace(source=str(REPO), destdir="", apache_user="www-data", restart_via=None,
-                              pip_arg=None, purge=False, layout="local")
+                              pip_arg=None, purge=False, layout="local", monitor_group=None)
     live = inst.Installer(args)  # type: ignore[attr-defined]
     live.systemd_booted = False
     text = live.config_text("command")
@@ -102,6 +102,30 @@ def test_installer_stages_the_same_commented_file(tmp_path: Path) -> None:
     assert (cfg.restart_via, cfg.idle_exit_seconds) == ("systemd", 60)
     for name, key in broker_config.KEYS.items():
         assert f"Range: {key.range_text()}." in text.replace("\n# ", " "), name
+
+
+def test_the_package_ships_the_monitoring_policy_as_a_file_of_its_own(tmp_path: Path) -> None:
+    """The packaged bus policy keeps the monitoring block closed (dbus-daemon warns about an
+    unknown group); postinst installs the template, a complete policy for the group alone."""
+    debian = stage(tmp_path / "debian", "--layout", "debian")
+    policy = (debian / manifest.BUS_POLICY.target_in(manifest.DEBIAN).lstrip("/")).read_text()
+    assert "MONITOR-GROUP-BEGIN" in policy
+    template = (debian / manifest.MONITOR_POLICY_TEMPLATE.lstrip("/")).read_text()
+    assert '<policy group="nagios">' in template and "MONITOR-GROUP" not in template
+    assert 'send_member="GetStatus"' in template and "RequestGracefulRestart" not in template
+    lint = subprocess.run(["xmllint", "--noout", "-"], input=template, capture_output=True, text=True,
+                          check=False)
+    assert lint.returncode == 0, lint.stderr
+    postinst = (REPO / "debian" / "apache-restart-broker.postinst").read_text()
+    postrm = (REPO / "debian" / "apache-restart-broker.postrm").read_text()
+    assert f"{manifest.MONITOR_POLICY_TEMPLATE} \"$MONITOR_POLICY\"" in postinst
+    assert f"MONITOR_POLICY={manifest.MONITOR_POLICY}\n" in postinst
+    assert f"rm -f {manifest.MONITOR_POLICY}\n" in postrm
+    # scripts/install opens the block in place for the group it is given.
+    local = (stage(tmp_path / "local", "--monitor-group", "icinga")
+             / manifest.BUS_POLICY.target_in(manifest.LOCAL).lstrip("/")).read_text()
+    assert "MONITOR-GROUP" not in local and '<policy group="icinga">' in local
+    assert manifest.monitor_policy(policy, "icinga").count('<policy group="icinga">') == 1
 
 
 @pytest.mark.parametrize("unit", [f for f in manifest.DATA_FILES if f.source.startswith("systemd/")],

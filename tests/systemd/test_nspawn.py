@@ -283,7 +283,9 @@ def test_a_config_typo_is_named_and_a_broker_that_cannot_start_is_reported_at_on
     assert f"\n{MD}\n  names:      {MD}\n" in r.stdout, r.stdout
     r = c.run(["/usr/local/bin/apache-restart", "status"], user="nobody", check=False)
     assert r.returncode == 4
-    assert r.stderr == "apache-restart: status: run as root (the broker answers GetStatus only for root)\n"
+    assert r.stderr == ("apache-restart: status: run as root or as a member of the monitoring group (the broker "
+                        "answers GetStatus only for root and whom polkit grants "
+                        "org.masysma.apacherestart.read-status)\n")
 
 
 def test_a_failed_install_leaves_no_half_made_venv(system: System) -> None:

@@ -4,7 +4,8 @@
 python3-* libraries; nothing from PyPI, no venv). Then: a2enconf and a reload, pebble (the ACME
 test server) inside the container, mod_md obtaining a certificate and calling the packaged hook
 as www-data, D-Bus activation of the broker, polkit, ReloadUnit through systemd, the new
-certificate served, the broker exiting when idle, `apache-restart status` and `man
+certificate served, the broker exiting when idle, `apache-restart status`, the monitoring
+plugin run by a member of group nagios (whose bus policy postinst made) and `man
 apache-restart`. Then `apt remove`: refused, changing nothing, where Apache would still run the
 hook (a broken configuration, another file naming the hook); otherwise the configuration stays,
 the snippet is disabled, Apache is reloaded and mod_md renews a certificate that comes due
@@ -52,6 +53,9 @@ HOOK = "/usr/bin/apache-restart-hook"
 RENEW_IN = 45.0
 VETO = "preventing renewal to proceed"
 HOOK_FAILED = "failed with exit code"     # AH10109: "MDMessageCmd ... failed with exit code 255."
+MONITOR_GROUP = "nagios"
+MONITOR_USER = "arb-monitor"
+MONITOR_POLICY = "/etc/dbus-1/system.d/org.masysma.ApacheRestart-monitor.conf"
 
 
 def site(ca_file: str) -> str:
@@ -139,6 +143,9 @@ def installed(booted: nspawn.Container) -> Iterator[Installed]:
     c.run(["rm", "-f", nspawn.DPKG_OPTIONS_FILE])
     shutil.copy(deb, c.path(f"/root/{deb.name}"))
     assert is_active(c, "apache2.service") == "active"
+    # A monitoring system is installed here already: its group exists, with a user in it.
+    c.run(["groupadd", "--system", MONITOR_GROUP])
+    c.run(["useradd", "--system", "--no-create-home", "-G", MONITOR_GROUP, MONITOR_USER])
     t_install = time.monotonic()
     out = apt(c, "install", f"/root/{deb.name}")
     note("package: apt install ./<deb>", time.monotonic() - t_install)
@@ -165,6 +172,8 @@ def test_apt_install_needs_nothing_from_outside(installed: Installed) -> None:
     assert is_active(c, TIMER) == "active"
     assert is_active(c, UNIT) == "inactive"
     assert unit_prop(c, UNIT, "FragmentPath") == f"/lib/systemd/system/{UNIT}"
+    # Group nagios exists: postinst gave it the monitoring bus policy, a file of its own.
+    assert f'<policy group="{MONITOR_GROUP}">' in c.path(MONITOR_POLICY).read_text()
     r = c.run(["systemd-analyze", "verify", UNIT, "apache-restart-broker-check.service", TIMER], check=False)
     assert r.returncode == 0 and not r.stderr.strip(), r.stdout + r.stderr
 
@@ -223,8 +232,19 @@ def test_admin_command_and_manual_page(installed: Installed) -> None:
     r = c.run(["apache-restart", "status"], check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     assert MD in r.stdout and "broker " in r.stdout, r.stdout
+    # The monitoring plugin as the monitoring system runs it: a member of group nagios, through
+    # the bus policy postinst made and the packaged polkit rule. Not UNKNOWN: the broker answered.
+    r = c.run(["runuser", "-u", MONITOR_USER, "--", "apache-restart", "check"], check=False)
+    assert r.returncode in (0, 1, 2) and r.stdout.startswith("APACHE-RESTART "), r.stdout + r.stderr
+    assert f"'{MD} days_left'=" in r.stdout, r.stdout
+    print(f"check as {MONITOR_USER}: {r.stdout.strip()} (exit {r.returncode})")
+    # Somebody outside the group is refused (by the bus policy): UNKNOWN, access denied.
+    r = c.run(["runuser", "-u", "nobody", "--", "apache-restart", "check"], check=False)
+    assert r.returncode == 3 and r.stdout.startswith("APACHE-RESTART UNKNOWN - cannot ask the broker: AccessDenied"), \
+        r.stdout + r.stderr
     r = c.run(["man", "-P", "cat", "apache-restart"], env={"MANWIDTH": "80"}, check=False)
     assert r.returncode == 0 and "check-all" in r.stdout, r.stdout + r.stderr
+    assert "MONITORING PLUGIN" in r.stdout, r.stdout
     for page in ("apache-restart-broker", "apache-restart-hook", "5 apache-restart-broker.toml"):
         r = c.run(["man", "-w", *page.split()], check=False)
         assert r.returncode == 0, page

@@ -70,7 +70,10 @@ def test_a_held_back_restart_says_why_and_how_to_retry_now():
     # The result is shown with its own time, not with the older restart's.
     assert lines[2] == f"last result:  failed: config test failed: AH00526: Syntax error ({local_iso(NOW - 200)})"
     assert lines[3] == f"last restart: {local_iso(NOW - 5 * DAY)} (issued)"
-    assert "  staged:     valid, since " in out and "rsa serial 0c2d" in out
+    assert f"  staged:     valid, since {local_iso(NOW - 120)}\n" in out
+    # Per key type, with serial and expiry, as the active set is shown.
+    assert (f"              rsa        serial 0c2d, issuer CN=Pebble Intermediate CA 1a, expires "
+            f"{local_iso(NOW + 90 * DAY)} (90 days left)\n") in out
     assert (f"  next:       held back (see restart: above); retried at the latest at "
             f"{local_iso(NOW + 300)} (in 5 min); retry now with: apache-restart request example.org") in out
 
@@ -87,17 +90,19 @@ def test_a_wait_for_min_interval_is_named():
 
 def test_served_certificates_are_shown_when_the_broker_sends_them():
     d = doc()
+    # As the broker sends them (broker.served.Served.to_json): an error entry has no certificate.
     d["mds"][0]["served"] = [
-        {"probe": "127.0.0.1:443", "serial": "0a1b", "sha256": "aa" * 32, "not_after_usec": usec(NOW + 10 * DAY),
-         "error": ""},
-        {"probe": "[::1]:443", "serial": "0999", "sha256": "cc" * 32, "not_after_usec": usec(NOW - DAY),
-         "error": ""},
-        {"probe": "127.0.0.1:8443", "serial": "", "sha256": "", "not_after_usec": 0,
-         "error": "connection refused"},
+        {"probe": "127.0.0.1:443", "key_type": "rsa", "serial": "0a1b", "sha256": "aa" * 32,
+         "not_after_usec": usec(NOW + 10 * DAY), "error": ""},
+        {"probe": "[::1]:443", "key_type": "secp256r1", "serial": "0999", "sha256": "cc" * 32,
+         "not_after_usec": usec(NOW - DAY), "error": ""},
+        {"probe": "127.0.0.1:8443", "error": "connection refused"},
     ]
     out = admin.render_status(d, {}, now=NOW)
-    assert "  served:     127.0.0.1:443: serial 0a1b, the active certificate, 10 days left\n" in out
-    assert "              [::1]:443: serial 0999, NOT the active certificate, EXPIRED\n" in out
+    assert (f"  served:     127.0.0.1:443: rsa serial 0a1b, expires {local_iso(NOW + 10 * DAY)} (10 days left), "
+            "the active certificate\n") in out
+    assert (f"              [::1]:443: secp256r1 serial 0999, expires {local_iso(NOW - DAY)} (EXPIRED), "
+            "NOT the active certificate\n") in out
     assert "              127.0.0.1:8443: ERROR: connection refused\n" in out
 
 
@@ -195,3 +200,21 @@ async def test_unit_never_started_for_this_call_is_a_stalled_activation(capsys):
         "apache-restart: status: the broker is not running: apache-restart-broker.service is inactive and the bus "
         "has not started it (it may still wait for an earlier attempt, up to 25 s); start it with "
         "'systemctl start apache-restart-broker.service'\n")
+
+
+def test_a_node_serving_behind_the_store_is_told_what_happens_next():
+    d = doc()
+    md = d["mds"][0]
+    md["served_behind"] = True
+    out = admin.render_status(d, {}, now=NOW)
+    assert ("  next:       served behind the store (another node activated a renewal): the next check-all "
+            "(the check timer) restarts this node; now: apache-restart check-all") in out
+    d.update(pending=True, planned_at_usec=usec(NOW + 5), waiting_for="settle")
+    md["pending"] = True
+    assert (f"  next:       restart at the latest at {local_iso(NOW + 5)} (in 5 s), so that this node serves the "
+            "store's active certificate") in admin.render_status(d, {}, now=NOW)
+    d.update(pending=False, planned_at_usec=0, waiting_for="")
+    md.update(pending=False, served_behind_failed=True)
+    assert ("  next:       served behind the store, and a restart did not change that: not retried on its own "
+            "(is the probe address this Apache?); after fixing the cause: apache-restart request example.org"
+            ) in admin.render_status(d, {}, now=NOW)

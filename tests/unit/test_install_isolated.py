@@ -46,7 +46,7 @@ def test_every_python_child_is_isolated_and_starts_in_a_root_owned_directory(tmp
 
     monkeypatch.setattr(install.subprocess, "run", record)
     args = argparse.Namespace(source=str(REPO), destdir="", apache_user="www-data", restart_via=None,
-                              pip_arg=[], purge=False, layout=install.LAYOUT.name)
+                              pip_arg=[], purge=False, layout=install.LAYOUT.name, monitor_group=None)
     installer = install.Installer(args)
     with pytest.raises(install.InstallError, match="missing after pip install"):
         installer.make_venv()
