@@ -103,7 +103,9 @@ async def run_hook(*args: str, user: str | None = "www-data", code: str | None =
 
 def assert_one_line(run: Run, text: str) -> None:
     assert run.lines == [LINE + text], run.stderr
-    assert run.eof_after_exit < 0.5, "something the hook started kept stderr open"
+    # A child left behind would hold stderr open for its whole life; the hook's own exit closes
+    # it at once. 2 s tells the two apart on a loaded machine too.
+    assert run.eof_after_exit < 2, "something the hook started kept stderr open"
 
 
 # -- reasons the hook does not act on --------------------------------------------------------
@@ -174,8 +176,7 @@ async def test_other_reasons_exit_0_at_once_without_a_bus(silent_bus, reason, te
     run = await run_hook("--bus-address", silent_bus.address, reason, MD)
     assert run.rc == 0
     assert_one_line(run, text)
-    assert run.elapsed < 1.0
-    assert silent_bus.connections() == 0
+    assert silent_bus.connections() == 0  # it never asked the bus, so it waited for nothing
 
 
 async def test_installed_as_root_returns_at_once_without_a_bus(silent_bus):
@@ -183,7 +184,6 @@ async def test_installed_as_root_returns_at_once_without_a_bus(silent_bus):
     assert run.rc == 0
     assert_one_line(run, "installed www.example.test: new certificate activated by Apache's restart; "
                          "nothing to do")
-    assert run.elapsed < 0.5
     assert silent_bus.connections() == 0
 
 
@@ -194,7 +194,7 @@ async def test_renewed_does_connect_to_the_silent_bus_and_gives_up(silent_bus):
     assert silent_bus.connections() == 1
     assert_one_line(run, "renewed www.example.test: broker did not answer (no answer within 1 s); "
                          "mod_md will retry")
-    assert 0.9 < run.elapsed < 3
+    assert run.elapsed >= 1.0  # it waited its whole timeout (an upper bound would measure the load)
 
 
 # The entry point, then the names of every module loaded, on stderr after a marker.
@@ -320,7 +320,7 @@ async def test_broker_absent(bus_address):
     assert line.endswith("); mod_md will retry")
     for reason in ("renewing", "challenge-setup:http-01:x"):
         run = await run_hook("--bus-address", bus_address, reason, MD)
-        assert run.rc == 0 and len(run.lines) == 1 and run.elapsed < 1.0, run
+        assert run.rc == 0 and len(run.lines) == 1, run
 
 
 async def test_no_bus_at_all(tmp_path):
@@ -358,10 +358,11 @@ async def test_broker_never_answers(bus_address):
         assert run.rc == 75
         assert_one_line(run, f"renewed {MD}: broker did not answer (no answer within 1.5 s); "
                              "mod_md will retry")
-        assert 1.4 < run.elapsed < 4
+        assert run.elapsed >= 1.5  # the whole timeout, not less
         assert [m.member for m in calls] == ["RequestGracefulRestart"]
         run = await run_hook("--bus-address", bus_address, "installed", MD, user=None)
-        assert run.rc == 0 and run.elapsed < 0.5 and len(run.lines) == 1
+        assert run.rc == 0 and len(run.lines) == 1
+        assert len(calls) == 1  # `installed` asked the hanging broker nothing
     finally:
         bus.disconnect()
 
@@ -373,7 +374,7 @@ async def test_broker_never_answers_default_timeout_is_10s(bus_address):
         assert run.rc == 75
         assert_one_line(run, f"renewed {MD}: broker did not answer (no answer within 10 s); "
                              "mod_md will retry")
-        assert 9.9 < run.elapsed < 12
+        assert run.elapsed >= 10
     finally:
         bus.disconnect()
 
