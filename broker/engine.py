@@ -571,11 +571,13 @@ class Engine:
 
     def _status_of_mds(self, pending: frozenset[str], failed: Mapping[str, str],
                        served_now: Mapping[str, list[Served]], refresh_failed: Mapping[str, str]
-                       ) -> list[dict[str, Any]]:
-        """In a worker thread: the per-MD part of status() (`pending`, `failed`, `served_now`,
+                       ) -> tuple[list[dict[str, Any]], int]:
+        """In a worker thread: the per-MD part of status() and how many unmanaged staging
+        directories it left out (`pending`, `failed`, `served_now`,
         `refresh_failed`: snapshots)."""
         mds = []
-        for md in self.store.list_mds():
+        listed, left_out = self.store.survey()
+        for md in listed:
             entry: dict[str, Any] = {"name": md, "active": None, "staged": None,
                                      "pending": md in pending, "failed_before": False}
             try:
@@ -601,11 +603,11 @@ class Engine:
             entry["served_behind_failed"] = bool(
                 active is not None and refresh_failed.get(md) == active.fingerprint)
             mds.append(entry)
-        return mds
+        return mds, left_out
 
     async def status(self) -> dict[str, Any]:
         """Everything the admin command shows, as plain JSON-able data."""
-        mds = await self._caller_io(self._status_of_mds, frozenset(self.scheduler.pending),
+        mds, left_out = await self._caller_io(self._status_of_mds, frozenset(self.scheduler.pending),
                                     dict(self.scheduler.failed), dict(self.last_served),
                                     self.refresh_failed.to_dict())
         props = self.properties()
@@ -626,6 +628,7 @@ class Engine:
             "restarting": self.restarting,
             "md_store": self.cfg.md_store,
             "mds": mds,
+            "unmanaged_not_listed": left_out,
         }
 
     # -- the restart loop ----------------------------------------------------------------

@@ -30,13 +30,14 @@ from __future__ import annotations
 import datetime
 import errno
 import hashlib
+import heapq
 import ipaddress
 import json
 import os
 import re
 import stat
 import time
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Self
 
@@ -84,6 +85,10 @@ MAX_SANS = 250                   # subjectAltNames of a leaf: Let's Encrypt issu
 MAX_KEY_SPECS = 8                # key types of one MD
 MAX_MD_DOMAINS = 1000            # names of one MD
 MAX_CURVE_LEN = 64
+# Directories under staging/ with no domains/ entry: mod_md activates none of them (every MD it
+# manages has domains/<md>/md.json), but www-data can make any number. Status and CheckAll look
+# at the first ones by name only, and say how many they left out.
+MAX_UNMANAGED_LISTED = 64
 
 _LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 # validate_md_name's rules as one pattern, for the up to MAX_MD_DOMAINS names of an md.json
@@ -740,28 +745,53 @@ class Store:
             return None if mdj is None else tuple(mdj.names)
 
     def list_mds(self) -> list[str]:
-        """Sorted valid MD names that are directories under domains/ or staging/."""
-        found: set[str] = set()
+        """Sorted valid MD names: every one under domains/, and the first MAX_UNMANAGED_LISTED
+        by name of those only under staging/ (see survey)."""
+        return self.survey()[0]
+
+    def survey(self) -> tuple[list[str], int]:
+        """(sorted valid MD names, how many staging-only names were left out).
+
+        domains/ is written by root (mod_md's parent process): all of it is listed. A name only
+        under staging/ is unmanaged and can only be refused; www-data can make any number of
+        them, so the first MAX_UNMANAGED_LISTED by name are kept (in bounded memory) and the
+        rest only counted.
+        """
         with _Fds() as fds:
             root = self._open_root(fds)
             if root is None:
-                return []
-            for group in ("domains", "staging"):
-                try:
-                    gfd = _open_dir(fds, root, group, group)
-                except StagingInvalid:
-                    continue
-                if gfd is None:
-                    continue
-                try:
-                    with os.scandir(gfd) as it:
-                        for entry in it:
-                            try:
-                                validate_md_name(entry.name)
-                            except InvalidName:
-                                continue
-                            if entry.is_dir(follow_symlinks=False):
-                                found.add(entry.name)
-                except OSError:
-                    continue
-        return sorted(found)
+                return [], 0
+            managed = set(self._md_dirs(fds, root, "domains"))
+            left_out = 0
+
+            def unmanaged() -> Iterator[str]:
+                nonlocal left_out
+                for name in self._md_dirs(fds, root, "staging"):
+                    if name not in managed:
+                        left_out += 1
+                        yield name
+
+            listed = heapq.nsmallest(MAX_UNMANAGED_LISTED, unmanaged())
+            left_out -= len(listed)
+        return sorted(managed.union(listed)), left_out
+
+    @staticmethod
+    def _md_dirs(fds: _Fds, root: int, group: str) -> Iterator[str]:
+        """Valid MD names that are directories (not symlinks) in `group`, in directory order."""
+        try:
+            gfd = _open_dir(fds, root, group, group)
+        except StagingInvalid:
+            return
+        if gfd is None:
+            return
+        try:
+            with os.scandir(gfd) as it:
+                for entry in it:
+                    try:
+                        validate_md_name(entry.name)
+                    except InvalidName:
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        yield entry.name
+        except OSError:
+            return

@@ -222,6 +222,10 @@ def render_status(status: dict, props: dict, now: float | None = None) -> str:
            _line("restart:", _restart_state(status, props, now)),
            _line("last result:", f"{result} ({format_usec(result_at)})" if result else "none yet"),
            _line("last restart:", f"{format_usec(last)} (issued)" if last else "never")]
+    left_out = status.get("unmanaged_not_listed") or 0
+    if left_out:
+        out.append(_line("not shown:", f"{left_out} more directories under staging/ that no managed MD "
+                                       "owns (mod_md activates none of them; remove them)"))
     mds = status.get("mds") or []
     if not mds:
         out += ["", "no managed domains in the store"]

@@ -218,3 +218,11 @@ def test_a_node_serving_behind_the_store_is_told_what_happens_next():
     assert ("  next:       served behind the store, and a restart did not change that: not retried on its own "
             "(is the probe address this Apache?); after fixing the cause: apache-restart request example.org"
             ) in admin.render_status(d, {}, now=NOW)
+
+
+def test_unmanaged_directories_left_out_are_said_not_hidden() -> None:
+    d = doc()
+    assert "not shown:" not in admin.render_status(d, {}, now=NOW)
+    d["unmanaged_not_listed"] = 136
+    assert ("not shown:    136 more directories under staging/ that no managed MD owns (mod_md "
+            "activates none of them; remove them)") in admin.render_status(d, {}, now=NOW).splitlines()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from broker import staging
 from broker.errors import InvalidName, NothingStaged, StagingInvalid
 from broker.staging import (
     MAX_CHAIN_CERTS,
@@ -836,3 +837,19 @@ def test_storefactory_validity_aliases_and_write_job(store: Path) -> None:
     sf.write_job(store, MD, {"notified-renewed": True}, finished=False)
     job = json.loads((staged_dir(store) / "job.json").read_text())
     assert (job["notified-renewed"], job["finished"], job["name"]) == (True, False, MD)
+
+
+def test_list_mds_keeps_every_managed_md_and_only_the_first_unmanaged_ones(store: Path) -> None:
+    """www-data can make any number of directories under staging/: the ones no managed MD owns
+    are listed up to a bound (the first by name) and the rest only counted; every MD under
+    domains/ (root's) is listed, whatever its name sorts after."""
+    for i in range(staging.MAX_UNMANAGED_LISTED + 136):
+        (store / "staging" / f"junk{i:04d}.org").mkdir()
+    for md in ("a.org", "zzz.org"):
+        sf.add_active(store, md)
+    sf.add_staged(store, "zzz.org")  # staged and managed: not an unmanaged one
+    listed, left_out = Store(str(store), anchors=ANCHORS).survey()
+    junk = [f"junk{i:04d}.org" for i in range(staging.MAX_UNMANAGED_LISTED)]
+    assert listed == sorted(["a.org", "zzz.org", *junk])
+    assert left_out == 136
+    assert Store(str(store), anchors=ANCHORS).list_mds() == listed
