@@ -18,10 +18,10 @@ from typing import Any, TypeVar
 from . import __version__, log, metrics, selftest, storelock
 from .config import Config
 from .due import others_due
-from .errors import AlreadyFailed, BrokerError, InvalidName, NothingStaged, RateLimited
+from .errors import AlreadyFailed, BrokerError, NothingStaged, RateLimited
 from .ratelimit import RateLimiter
 from .restart import Restarter, RestartOutcome
-from .scheduler import MAX_PENDING, MAX_REASON_LEN, Scheduler, check_fingerprint
+from .scheduler import MAX_PENDING, MAX_REASON_LEN, Scheduler, check_fingerprint_map
 from .served import RefreshMemory, Served, behind, probe_all, sni_name
 from .staging import CertSet, Store, validate_md_name
 from .state import StateFile
@@ -157,15 +157,7 @@ class Engine:
                                         self.cfg.min_interval_seconds)
         # A batch that was being restarted when the broker stopped goes back to pending:
         # the restart runs again if the set is still staged, and is a no-op if it was activated.
-        in_progress = data["in_progress"]
-        if not isinstance(in_progress, dict) or len(in_progress) > MAX_PENDING:
-            raise ValueError(f"in_progress is not a map of at most {MAX_PENDING} entries")
-        for md, fingerprint in in_progress.items():
-            try:
-                validate_md_name(md)
-            except InvalidName:
-                raise ValueError("in_progress names an invalid MD") from None
-            check_fingerprint("in_progress", fingerprint)
+        in_progress = check_fingerprint_map("in_progress", data["in_progress"], MAX_PENDING)
         last_restart, last_result = data["last_restart_usec"], data["last_result"]
         # Older state files lack it: the result then belongs to the last restart.
         last_result_usec = data.get("last_result_usec", last_restart)
@@ -176,15 +168,8 @@ class Engine:
                 last_result in ("", "ok") or last_result.startswith("failed: ")):
             raise ValueError("last_result is not a printable result of bounded length")
         # The cluster's keys (added after version 1: absent is empty).
-        refresh_pending = data.get("refresh_pending") or {}
-        if not isinstance(refresh_pending, dict) or len(refresh_pending) > MAX_PENDING:
-            raise ValueError(f"refresh_pending is not a map of at most {MAX_PENDING} entries")
-        for md, fingerprint in refresh_pending.items():
-            try:
-                validate_md_name(md)
-            except InvalidName:
-                raise ValueError("refresh_pending names an invalid MD") from None
-            check_fingerprint("refresh_pending", fingerprint)
+        refresh_pending = check_fingerprint_map("refresh_pending", data.get("refresh_pending") or {},
+                                                MAX_PENDING)
         refresh_failed = RefreshMemory.from_dict(data.get("refresh_failed") or {})
         counts = data.get("restarts") or {}
         if not isinstance(counts, dict) or not all(

@@ -294,13 +294,7 @@ class Scheduler:
 
         s.last_restart_at = _time("last_restart_at", d["last_restart_at"])
 
-        failed = d["failed"]
-        _expect(isinstance(failed, dict), "failed is not an object")
-        _expect(len(failed) <= MAX_FAILED, "too many failed entries")
-        for md, fingerprint in failed.items():
-            _check_name("failed", md)
-            _check_fingerprint("failed fingerprint", fingerprint)
-            s.failed[md] = fingerprint
+        s.failed.update(check_fingerprint_map("scheduler state: failed", d["failed"], MAX_FAILED))
 
         retry = d.get("retry")
         if retry is not None:
@@ -334,6 +328,20 @@ def _check_name(what: str, value: object) -> None:
 def check_fingerprint(what: str, value: object) -> None:
     if not isinstance(value, str) or not _FINGERPRINT_RE.fullmatch(value):
         raise ValueError(f"{what}: not a set fingerprint (64 lower-case hex digits)")
+
+
+def check_fingerprint_map(what: str, value: object, bound: int) -> dict[str, str]:
+    """A state file's map of MD name -> set fingerprint, each name as a request would have to
+    give it: the map, or ValueError."""
+    if not isinstance(value, dict) or len(value) > bound:
+        raise ValueError(f"{what} is not a map of at most {bound} entries")
+    for md, fingerprint in value.items():
+        try:
+            validate_md_name(md)
+        except errors.InvalidName:
+            raise ValueError(f"{what} names an invalid MD") from None
+        check_fingerprint(what, fingerprint)
+    return value
 
 
 def _check_fingerprint(what: str, value: object) -> None:
