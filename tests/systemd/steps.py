@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from broker import names
 from harness import nspawn
-from harness.procs import wait_for
+from harness.procs import HarnessError, wait_for
+
+# An MD's certificate comes due this long after it is written: time enough to uninstall or
+# remove the package, and then mod_md renews on its own, with no reload the test could cause.
+RENEW_IN = 45.0
+VETO = "preventing renewal to proceed"
+HOOK_FAILED = "failed with exit code"     # AH10109: "MDMessageCmd ... failed with exit code 255."
 
 
 def busctl_json(c: nspawn.Container, *args: str, user: str | None = None) -> object:
@@ -69,3 +76,27 @@ def reload_apache(c: nspawn.Container) -> None:
     c.sh("apache2ctl configtest 2>&1 && systemctl reload apache2.service")
     wait_for(lambda: count_in(c, APACHE_ERROR_LOG, RESUMED) > generations, 30,
              "Apache to re-read its configuration after the reload", interval=0.1)
+
+
+def veto_count(c: nspawn.Container, error_log: str) -> int:
+    """How often Apache's error log says mod_md's hook failed or vetoed a renewal so far."""
+    return count_in(c, error_log, VETO) + count_in(c, error_log, HOOK_FAILED)
+
+
+def wait_for_renewal_without_veto(c: nspawn.Container, error_log: str, staged_file: str,
+                                  vetoes_before: int, after: str) -> None:
+    """mod_md, left alone, stages a renewed certificate (`staged_file` appears) and nothing
+    vetoes it: what a removed hook must not prevent (mod_md took its exit 255 for a veto)."""
+    staged = c.path(staged_file)
+
+    def vetoes() -> list[str]:
+        lines = c.path(error_log).read_text(errors="replace").splitlines()
+        return [line for line in lines if VETO in line or HOOK_FAILED in line]
+
+    try:
+        wait_for(lambda: staged.exists() or len(vetoes()) > vetoes_before, RENEW_IN + 90,
+                 f"mod_md to stage a renewed certificate ({staged_file})", interval=0.5)
+    except HarnessError:
+        pytest.fail("no renewal staged; Apache's error log ends:\n"
+                    + c.path(error_log).read_text(errors="replace")[-3000:])
+    assert vetoes()[vetoes_before:] == [], f"mod_md's renewal was vetoed after {after}"
