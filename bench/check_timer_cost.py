@@ -22,16 +22,13 @@ Needs root, dbus-daemon and busctl, like the test suite.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import resource
 import shutil
-import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -40,40 +37,10 @@ sys.path.insert(0, str(REPO))
 
 from broker import names  # noqa: E402
 from harness import busutil, storefactory  # noqa: E402
+from harness.certs import CertificateServer  # noqa: E402
 
 RUNS_PER_DAY = 24 * 60 // 5
 IDLE_EXIT = 1.0
-
-
-class TlsListener:
-    """Serves one certificate on loopback, as Apache would for the probed MDs."""
-
-    def __init__(self, directory: Path, names_: list[str]) -> None:
-        issued = storefactory.issue(names_)
-        cert, key = directory / "served.pem", directory / "served.key"
-        cert.write_bytes(issued.chain_pem)
-        key.write_bytes(storefactory.key_pem(issued.key))
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(cert, key)
-        self.loop = asyncio.new_event_loop()
-        self.address = ""
-        ready = threading.Event()
-
-        def run() -> None:
-            async def handle(reader, writer) -> None:
-                try:
-                    await reader.read()
-                except (OSError, ssl.SSLError):
-                    pass
-                writer.close()
-
-            server = self.loop.run_until_complete(asyncio.start_server(handle, "127.0.0.1", 0, ssl=self.ctx))
-            self.address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
-            ready.set()
-            self.loop.run_forever()
-
-        threading.Thread(target=run, daemon=True).start()
-        ready.wait(10)
 
 
 def bus_config(directory: Path, service_dir: Path) -> Path:
@@ -136,7 +103,7 @@ def main() -> int:
     procs: list[subprocess.Popen] = []
     try:
         mds = [f"site{i}.example.test" for i in range(args.mds)]
-        listener = TlsListener(work, mds)
+        listener = CertificateServer(work, storefactory.issue(mds)).start()
         store = storefactory.make_store(work)
         for md in mds:
             storefactory.add_active(store, md, [md])

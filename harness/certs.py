@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hashlib
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,3 +109,53 @@ def make_server_tls(directory: Path, hostname: str = "localhost") -> TLSFiles:
     write_file(files.cert, leaf.cert.public_bytes(pem))
     write_file(files.key, storefactory.key_pem(key), mode=0o600)
     return files
+
+
+class CertificateServer:
+    """A TLS server on loopback, in its own thread, that serves one certificate set to every
+    client (what a probe address shows, without an Apache): ``with CertificateServer(...) as s``
+    or ``start()``; ``address`` is "127.0.0.1:PORT"."""
+
+    def __init__(self, directory: Path, issued: storefactory.Issued, name: str = "served") -> None:
+        self.issued = issued
+        cert, key = directory / f"{name}-cert.pem", directory / f"{name}-key.pem"
+        write_file(cert, issued.chain_pem)
+        write_file(key, storefactory.key_pem(issued.key), mode=0o600)
+        self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._ctx.load_cert_chain(cert, key)
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.address = ""
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await reader.read()
+            except (OSError, ssl.SSLError):
+                pass
+            writer.close()
+
+        server = self._loop.run_until_complete(asyncio.start_server(handle, "127.0.0.1", 0, ssl=self._ctx))
+        self.address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        self._ready.set()
+        self._loop.run_forever()
+        server.close()
+
+    def start(self) -> CertificateServer:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the TLS server did not start")
+        return self
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def __enter__(self) -> CertificateServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -13,9 +13,6 @@ new certificate, and from b's CheckAll to that.
 
 from __future__ import annotations
 
-import asyncio
-import ssl
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from client import admin, monitor
 from harness import CertInfo, Stack
+from harness.certs import CertificateServer
 from harness.broker import BrokerOptions, BusWatcher
 from harness.node import Node, add_node
 from harness.procs import wait_for
@@ -63,52 +61,12 @@ def watcher_of(broker) -> BusWatcher:
     return broker.watcher
 
 
-class OldCertificateServer:
-    """A TLS server on loopback that keeps serving an older certificate for MD, whatever
-    restarts: what a probe address in front of something else than this node's Apache shows."""
-
-    def __init__(self, directory: Path) -> None:
-        issued = storefactory.issue([MD], not_before=time.time() - 30 * 86400)
-        self.serial = issued.serial
-        cert, key = directory / "old-cert.pem", directory / "old-key.pem"
-        cert.write_bytes(issued.chain_pem)
-        key.write_bytes(storefactory.key_pem(issued.key))
-        self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self._ctx.load_cert_chain(cert, key)
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.address = ""
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                await reader.read()
-            except (OSError, ssl.SSLError):
-                pass
-            writer.close()
-
-        server = self._loop.run_until_complete(asyncio.start_server(handle, "127.0.0.1", 0, ssl=self._ctx))
-        self.address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        self._ready.set()
-        self._loop.run_forever()
-        server.close()
-
-    def __enter__(self) -> OldCertificateServer:
-        self._thread.start()
-        assert self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-
 @pytest.fixture
-def old_server(www_tmp: Path) -> Iterator[OldCertificateServer]:
-    with OldCertificateServer(www_tmp) as server:
+def old_server(www_tmp: Path) -> Iterator[CertificateServer]:
+    """Keeps serving an older certificate for MD, whatever restarts: what a probe address in
+    front of something else than this node's Apache shows."""
+    issued = storefactory.issue([MD], not_before=time.time() - 30 * 86400)
+    with CertificateServer(www_tmp, issued, "old") as server:
         yield server
 
 
@@ -122,7 +80,7 @@ def metric(path: Path, name: str, **labels: str) -> float | None:
 
 
 def test_the_other_node_serves_what_the_renewing_node_activated(
-        start_stack: Callable[..., Stack], old_server: OldCertificateServer, www_tmp: Path,
+        start_stack: Callable[..., Stack], old_server: CertificateServer, www_tmp: Path,
         record_property: Callable[[str, object], None]) -> None:
     stack = start_stack(domains=[[MD]], validity_seconds=VALIDITY, renew_window=RENEW_WINDOW,
                         with_broker=True, renew_mode="auto", store_locks="on")
@@ -195,7 +153,7 @@ def test_the_other_node_serves_what_the_renewing_node_activated(
     scheduled, _ = c_watch.check_all()
     assert scheduled == [MD]
     c_finished = c_watch.restart_finished(30)
-    assert not c_finished.ok and old_server.serial in c_finished.values["detail"], c_finished
+    assert not c_finished.ok and old_server.issued.serial in c_finished.values["detail"], c_finished
     assert len(c.broker.gracefuls()) == 1
     assert c_watch.check_all() == ([], 0)
     assert any("a restart did not change that before; not restarted again" in line
