@@ -4,6 +4,7 @@ Run as mod_md runs it (www-data, from `/`, stdin closed), with the syslog socket
 a datagram socket this test binds (APACHE_RESTART_HOOK_SYSLOG_SOCKET, documented for testing).
 """
 
+import contextlib
 import os
 import re
 import shutil
@@ -326,6 +327,20 @@ def _gone(pid: int) -> bool:
     return state == "Z"
 
 
+@contextlib.contextmanager
+def _child_of(run, prog: str) -> Iterator[int]:
+    """The pid of the background child that `prog` reported ("child PID"); killed at the end
+    whatever the test found, so that no sleep outlives it."""
+    (child,) = [int(line.rsplit(" ", 1)[1]) for line in run.lines if f"{prog}: child " in line]
+    try:
+        yield child
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 async def test_then_timeout_kills_the_whole_process_group(programs):
     prog = program(programs, "hang", "sleep 30 &\necho \"child $!\" >&2\nwait\n")
     run = await run_hook("--then-timeout", "1", "--then", prog, "--", "renewing", MD)
@@ -334,42 +349,30 @@ async def test_then_timeout_kills_the_whole_process_group(programs):
                              "(its whole process group); mod_md aborts this renewal")
     assert 0.9 < run.elapsed < 4
     assert run.eof_after_exit < 0.5
-    (child,) = [int(line.rsplit(" ", 1)[1]) for line in run.lines if f"{prog}: child " in line]
-    wait_for(lambda: _gone(child), 5, "the program's background child to be killed", interval=0.05)
+    with _child_of(run, prog) as child:
+        wait_for(lambda: _gone(child), 5, "the program's background child to be killed", interval=0.05)
 
 
 async def test_then_timeout_kills_what_ignores_sigterm(programs):
     """The program exits on SIGTERM, its child ignores it: SIGKILL still reaches the group."""
     prog = program(programs, "stubborn", "(trap '' TERM; exec sleep 30) &\necho \"child $!\" >&2\nwait\n")
     run = await run_hook("--then-timeout", "1", "--then", prog, "--", "renewing", MD)
-    (child,) = [int(line.rsplit(" ", 1)[1]) for line in run.lines if f"{prog}: child " in line]
-    try:
+    with _child_of(run, prog) as child:
         assert run.rc == 1
         assert "no result within 1 s: killed (its whole process group)" in run.lines[-1]
         assert run.eof_after_exit < 0.5
         wait_for(lambda: _gone(child), 5, "the child that ignores SIGTERM to be killed", interval=0.05)
-    finally:
-        try:
-            os.kill(child, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 async def test_then_leftovers_never_hold_mod_mds_stderr(programs):
     prog = program(programs, "leave", "sleep 30 &\necho \"child $!\"\nexit 0\n")
     run = await run_hook("--then", prog, "--", "renewing", MD)
-    (child,) = [int(line.rsplit(" ", 1)[1]) for line in run.lines if f"{prog}: child " in line]
-    try:
+    with _child_of(run, prog) as child:
         assert run.rc == 0
         assert run.lines[-1] == f"{LINE}renewing {MD}: then {prog}: exited 0"
         assert run.elapsed < 3
         assert run.eof_after_exit < 0.5       # the sleep still runs, and holds only the hook's pipe
         assert not _gone(child)
-    finally:
-        try:
-            os.kill(child, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 async def test_then_program_that_cannot_run_vetoes_like_it_would_alone(programs):

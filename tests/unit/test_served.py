@@ -121,14 +121,19 @@ async def test_the_round_deadline_bounds_every_probe(tmp_path):
 
 
 class Node:
-    """A fake Apache node: serves `serving` at PROBE; a restart makes it serve the store's set."""
+    """A fake Apache node: serves `serving` at PROBE; a restart makes it serve the store's set.
+    The first `held_back` restarts fail their config test (nothing restarted)."""
 
-    def __init__(self, store: Path, serving: storefactory.Issued, follows_store: bool = True):
-        self.store, self.follows_store = store, follows_store
+    def __init__(self, store: Path, serving: storefactory.Issued, follows_store: bool = True,
+                 held_back: int = 0):
+        self.store, self.follows_store, self.held_back = store, follows_store, held_back
         self.serving = served_entry(serving)
         self.restarts = 0
 
     async def restart(self) -> RestartOutcome:
+        if self.held_back:
+            self.held_back -= 1
+            return RestartOutcome(False, False, "configtest failed: Syntax error")
         self.restarts += 1
         if self.follows_store:
             pem = (self.store / "domains" / MD / "pubcert.pem").read_bytes()
@@ -248,16 +253,7 @@ async def test_a_refresh_held_back_by_the_config_test_is_retried_on_its_own(tmp_
     without waiting for the next check."""
     store, old, active = cluster
     now = [1_800_000_000.0]
-    node = Node(store, old)
-    outcomes = [RestartOutcome(False, False, "configtest failed: Syntax error")]
-    real_restart = node.restart
-
-    async def restart() -> RestartOutcome:
-        if outcomes:
-            return outcomes.pop(0)
-        return await real_restart()
-
-    node.restart = restart  # type: ignore[method-assign]
+    node = Node(store, old, held_back=1)
     engine = make_engine(tmp_path, store, node, clock=lambda: now[0])
     assert (await engine.check())[0] == [MD]
     await engine.restart_now()
@@ -273,14 +269,7 @@ async def test_a_refresh_held_back_by_the_config_test_is_retried_on_its_own(tmp_
 async def test_root_retries_a_held_back_refresh_at_once(tmp_path, cluster):
     store, old, active = cluster
     now = [1_800_000_000.0]
-    node = Node(store, old)
-    outcomes = [RestartOutcome(False, False, "configtest failed: Syntax error")]
-    real_restart = node.restart
-
-    async def restart() -> RestartOutcome:
-        return outcomes.pop(0) if outcomes else await real_restart()
-
-    node.restart = restart  # type: ignore[method-assign]
+    node = Node(store, old, held_back=1)
     engine = make_engine(tmp_path, store, node, clock=lambda: now[0], min_interval_seconds=0)
     await engine.check()
     await engine.restart_now()
